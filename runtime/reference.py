@@ -1,0 +1,64 @@
+"""The authors' decoding loop, kept as the reference every faster path is checked against.
+
+Every step, every member re-tokenises its whole text (its own template + the committed text)
+and runs a full forward pass with no KV cache. Rows are independent; they advance in lock-step
+only so that one step's fusion is a single batched call (batching never changes a row's result).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Row:
+    prompt: str
+    ids: list[int] = field(default_factory=list)  # main-model tokens emitted so far
+    text: str = ""                                 # the committed text (main's decode of ids)
+    finish: str | None = None                      # "eos" | "stop" | "length"
+
+
+def last_logits(member, text: str) -> torch.Tensor:
+    ids = member.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return member.model(ids).logits[0, -1].float()
+
+
+def completes_stop(text: str, stop: tuple[str, ...]) -> str | None:
+    for s in stop:
+        if s and s in text:
+            return text[:text.index(s)]
+    return None
+
+
+def reference_decode(members, fuser, prompts: list[str], max_new_tokens: int,
+                     stop: tuple[str, ...] = (), observe=None) -> list[Row]:
+    """Greedy DEEPEN decoding. `observe(step, rows, member_logits, result)` sees every step."""
+    main = members[0]
+    rows = [Row(p) for p in prompts]
+    for step in range(max_new_tokens):
+        active = [r for r in rows if r.finish is None]
+        if not active:
+            break
+        logits = [torch.stack([last_logits(m, m.render(r.prompt) + r.text) for r in active])
+                  for m in members]
+        # the stop rule: no fusion where the main model's own token completes a stop string
+        own = logits[0].argmax(-1).tolist()
+        skip = torch.tensor([completes_stop(main.tokenizer.decode(r.ids + [t]), stop) is not None
+                             for r, t in zip(active, own)])
+        result = fuser.step(logits, skip)
+        if observe is not None:
+            observe(step, active, logits, result)
+        for r, token in zip(active, result.tokens.tolist()):
+            if token == main.eos_token_id:
+                r.finish = "eos"
+                continue
+            r.ids.append(token)
+            r.text = main.tokenizer.decode(r.ids)
+            cut = completes_stop(r.text, stop)
+            if cut is not None:
+                r.text, r.finish = cut, "stop"
+            elif len(r.ids) >= max_new_tokens:
+                r.finish = "length"
+    return rows

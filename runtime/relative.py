@@ -1,0 +1,178 @@
+"""Relative transfer matrices (ALGORITHM.md section 2) and products with them.
+
+P[t] = softmax(temperature * R[t] / ||R[t]||),  R[t, j] = cos(E[t], E[a_j]).
+
+P is |V| x |A|; dense it is 48 GB for Gemma-3 against all anchors, so it has two forms:
+
+- `DenseTransfer` holds P itself: small vocabularies, exact-mode tests, golden conformance.
+- `LowRankTransfer` holds what any row of P is made of: the unit-normalised embeddings (rank d),
+  plus two exact scalars per token computed once at build time (1/||R_t|| and log Z_t, the
+  softmax normaliser) and the mean row of P. A row is recomputed exactly from these
+  (one d x |A| product), so nothing |V| x |A| is ever materialised. Recent rows are cached.
+
+Both expose the same three operations that the fusion needs:
+`rows(ids)`, `left(sigma) = sigma @ P` and `right(g) = g @ P^T` (the last two over the whole
+vocabulary, chunked, for exact mode).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 100.0
+# Rows per chunk when P is built or swept chunk by chunk: 1024 x 45k anchors x 4 B = 190 MB.
+CHUNK_ROWS = 1024
+
+
+def unit_rows(emb: torch.Tensor) -> torch.Tensor:
+    return F.normalize(emb.float(), dim=-1)
+
+
+def transfer_rows_from_cos(cos: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Rows of P from rows of R (cosines to the anchors): L2-normalise, scale, softmax."""
+    return torch.softmax(temperature * F.normalize(cos, dim=-1), dim=-1)
+
+
+def dense_transfer_matrix(emb: torch.Tensor, anchor_ids: torch.Tensor,
+                          temperature: float = TEMPERATURE) -> torch.Tensor:
+    """The authors' P, built in chunks of rows. Use only where |V| x |A| fits in memory."""
+    unit = unit_rows(emb)
+    anchors_t = unit[anchor_ids].T.contiguous()
+    out = torch.empty(unit.shape[0], anchors_t.shape[1])
+    for start in range(0, unit.shape[0], CHUNK_ROWS):
+        stop = start + CHUNK_ROWS
+        out[start:stop] = transfer_rows_from_cos(unit[start:stop] @ anchors_t, temperature)
+    return out
+
+
+class DenseTransfer:
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix
+        self.mean_row = matrix.mean(0)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def num_anchors(self) -> int:
+        return self.matrix.shape[1]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.matrix[ids]
+
+    def left(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma @ self.matrix
+
+    def right(self, g: torch.Tensor) -> torch.Tensor:
+        return g @ self.matrix.T
+
+
+class LowRankTransfer:
+    """Exact rows of P from normalised embeddings and per-token scalars (see module doc)."""
+
+    def __init__(self, unit_emb: torch.Tensor, anchor_ids: torch.Tensor, inv_norm: torch.Tensor,
+                 log_z: torch.Tensor, mean_row: torch.Tensor, temperature: float = TEMPERATURE,
+                 cache_rows: int = 512):
+        self.unit_emb = unit_emb
+        self.anchor_ids = anchor_ids
+        self.anchors_t = unit_emb[anchor_ids].T.contiguous()  # d x |A|, contiguous for matmul speed
+        self.inv_norm = inv_norm
+        self.log_z = log_z
+        self.mean_row = mean_row
+        self.temperature = temperature
+        self.cache_rows = cache_rows
+        self._cache = torch.empty(0, self.num_anchors)
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # token id -> cache slot, LRU order
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def build(cls, emb: torch.Tensor, anchor_ids: torch.Tensor, temperature: float = TEMPERATURE,
+              cache_rows: int = 512, progress=None) -> "LowRankTransfer":
+        """Sweep P once, chunk by chunk, keeping only the two scalars per token and the mean row."""
+        unit = unit_rows(emb).contiguous()
+        anchors_t = unit[anchor_ids].T.contiguous()
+        vocab = unit.shape[0]
+        inv_norm = torch.empty(vocab)
+        log_z = torch.empty(vocab)
+        row_sum = torch.zeros(anchors_t.shape[1], dtype=torch.float64)
+        for start in range(0, vocab, CHUNK_ROWS):
+            cos = unit[start:start + CHUNK_ROWS] @ anchors_t
+            inv = 1.0 / cos.norm(dim=-1).clamp_min(1e-12)  # F.normalize's eps
+            logits = cos.mul_(inv[:, None] * temperature)
+            lz = torch.logsumexp(logits, dim=-1)
+            row_sum += logits.sub_(lz[:, None]).exp_().sum(0, dtype=torch.float64)
+            inv_norm[start:start + len(inv)] = inv
+            log_z[start:start + len(inv)] = lz
+            if progress is not None:
+                progress(len(inv))
+        return cls(unit, anchor_ids, inv_norm, log_z, (row_sum / vocab).float(), temperature,
+                   cache_rows)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"unit_emb": self.unit_emb, "anchor_ids": self.anchor_ids,
+                "inv_norm": self.inv_norm, "log_z": self.log_z, "mean_row": self.mean_row}
+
+    @property
+    def num_tokens(self) -> int:
+        return self.unit_emb.shape[0]
+
+    @property
+    def num_anchors(self) -> int:
+        return self.anchors_t.shape[1]
+
+    def nbytes(self) -> int:
+        tensors = [self.unit_emb, self.anchors_t, self.inv_norm, self.log_z, self.mean_row,
+                   self.anchor_ids]
+        return sum(t.numel() * t.element_size() for t in tensors) + \
+            self.cache_rows * self.num_anchors * 4
+
+    def compute_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.unit_emb[ids] @ self.anchors_t
+        logits.mul_((self.inv_norm[ids] * self.temperature)[:, None])
+        return logits.sub_(self.log_z[ids][:, None]).exp_()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of P for `ids` (distinct), through an LRU cache of recent rows."""
+        if self.cache_rows <= 0:
+            return self.compute_rows(ids)
+        if self._cache.shape[0] == 0:
+            self._cache = torch.empty(self.cache_rows, self.num_anchors)
+        id_list = ids.tolist()
+        missing = [t for t in id_list if t not in self._slot_of]
+        self.misses += len(missing)
+        self.hits += len(id_list) - len(missing)
+        if len(missing) > self.cache_rows:  # more than fits: compute directly, cache nothing
+            return self.compute_rows(ids)
+        for t in id_list:
+            if t in self._slot_of:
+                self._slot_of.move_to_end(t)
+        if missing:
+            fresh = self.compute_rows(torch.tensor(missing))
+            needed = set(id_list)
+            for t, row in zip(missing, fresh):
+                if len(self._slot_of) < self.cache_rows:
+                    slot = len(self._slot_of)
+                else:  # evict the least recent row that this call does not need
+                    victim = next(k for k in self._slot_of if k not in needed)
+                    slot = self._slot_of.pop(victim)
+                self._cache[slot] = row
+                self._slot_of[t] = slot
+        return self._cache[[self._slot_of[t] for t in id_list]]
+
+    def left(self, sigma: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(sigma.shape[0], self.num_anchors)
+        for start in range(0, self.num_tokens, CHUNK_ROWS):
+            ids = torch.arange(start, min(start + CHUNK_ROWS, self.num_tokens))
+            out += sigma[:, start:start + len(ids)] @ self.compute_rows(ids)
+        return out
+
+    def right(self, g: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(g.shape[0], self.num_tokens)
+        for start in range(0, self.num_tokens, CHUNK_ROWS):
+            ids = torch.arange(start, min(start + CHUNK_ROWS, self.num_tokens))
+            out[:, start:start + len(ids)] = g @ self.compute_rows(ids).T
+        return out

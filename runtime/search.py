@@ -1,0 +1,152 @@
+"""Search-based inverse transformation (ALGORITHM.md section 4).
+
+Find main-model logits z whose relative representation softmax(z) @ P_main is close to the
+aggregated relative vector r: AdamW on z (PyTorch defaults, weight decay 0.01), cosine
+schedule (T_max 10, eta_min eta/4), loss KL(r || q) with KLDivLoss's 'mean' reduction, i.e.
+divided by the number of anchors. Rows of a batch are independent problems: the loss is the
+sum of per-row losses, so batching never changes a row's gradient.
+
+`search_exact` runs over the whole vocabulary (the authors' math, any size, chunked by the
+transfer object). `search_fast` runs over the few tokens that can still become the argmax
+(a provable bound on how far AdamW moves a logit in T steps) plus those that carry the main
+model's probability mass; the rest of the vocabulary is frozen and enters as one tail term
+whose relative row is P's mean row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PAD_LOGIT = -1.0e4  # padding entries of a batched fast search: softmax weight exactly 0
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    eta: float = 0.15
+    steps: int = 5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    t_max: int = 10
+    eta_min_ratio: float = 0.25
+
+
+def _optimizer(z: torch.Tensor, s: SearchSettings):
+    opt = torch.optim.AdamW([z], lr=s.eta, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.t_max,
+                                                       eta_min=s.eta * s.eta_min_ratio)
+    return opt, sched
+
+
+def kl_mean_per_row(r: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """nn.KLDivLoss()(q.log(), r) for each row (reduction 'mean' over the anchors), summed."""
+    return (F.kl_div(q.log(), r, reduction="none").sum(-1) / r.shape[-1]).sum()
+
+
+class _TransferProduct(torch.autograd.Function):
+    """sigma @ P with P behind a transfer object (dense or recomputed chunk by chunk)."""
+
+    @staticmethod
+    def forward(ctx, sigma, transfer):
+        ctx.transfer = transfer
+        return transfer.left(sigma)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.transfer.right(grad), None
+
+
+def search_exact(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchSettings) -> torch.Tensor:
+    """The authors' search over the full vocabulary. Returns the final logits (B x |V|)."""
+    z = main_logits.detach().float().clone().requires_grad_(True)
+    opt, sched = _optimizer(z, s)
+    for _ in range(s.steps):
+        q = _TransferProduct.apply(torch.softmax(z, dim=-1), transfer)
+        kl_mean_per_row(r, q).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return z.detach()
+
+
+def learning_rates(s: SearchSettings) -> list[float]:
+    """The learning rate of each iteration, read off PyTorch's own scheduler."""
+    z = torch.zeros(1, requires_grad=True)
+    opt, sched = _optimizer(z, s)
+    rates = []
+    for _ in range(s.steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradient: changes nothing, keeps the scheduler's call order
+        sched.step()
+    return rates
+
+
+def candidate_margin(s: SearchSettings) -> float:
+    """How far below the top logit a token can start and still be the argmax after the search.
+
+    Adam's step at iteration t is lr_t * m_hat / (sqrt(v_hat) + eps). By Cauchy-Schwarz,
+    |m_hat| / sqrt(v_hat) <= (1-b1)/(1-b1^t) * sqrt(sum_{i<t} (b1^2/b2)^i) * sqrt((1-b2^t)/(1-b2))
+    whatever the gradients are (it is 1 at t = 1). Two logits close a gap by at most twice that per
+    step; weight decay scales every logit, and so every gap, by (1 - lr_t * wd), which keeps order.
+    """
+    b1, b2 = s.betas
+    total, shrink = 0.0, 1.0
+    for t, lr in enumerate(learning_rates(s), start=1):
+        series = sum((b1 * b1 / b2) ** i for i in range(t))
+        bound = (1 - b1) / (1 - b1 ** t) * math.sqrt(series) * math.sqrt((1 - b2 ** t) / (1 - b2))
+        total += lr * bound
+        shrink *= 1 - lr * s.weight_decay
+    return 2 * total / shrink + 1e-6
+
+
+def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchSettings,
+                mass_epsilon: float = 1e-4, max_support: int = 256):
+    """Search restricted to the tokens that can still win. Returns (tokens, stats).
+
+    Support per row: the top-k prefix of the main logits that holds both every candidate (logit
+    within `candidate_margin` of the top) and 1 - mass_epsilon of the probability, at most
+    `max_support` tokens. stats: support sizes, frozen tail mass, and whether a row's candidate
+    set was larger than max_support (then the result may differ from exact mode).
+    """
+    z0 = main_logits.detach().float()
+    rows_n = z0.shape[0]
+    k0 = min(max_support, z0.shape[1])
+    top_z, top_ids = z0.topk(k0, dim=-1)
+    lse = torch.logsumexp(z0, dim=-1, keepdim=True)
+    cum = torch.exp(top_z - lse).cumsum(-1)
+    k_mass = (cum < 1 - mass_epsilon).sum(-1) + 1
+    k_cand = (top_z >= top_z[:, :1] - candidate_margin(s)).sum(-1)
+    capped = k_cand >= k0
+    k = torch.maximum(k_mass, k_cand).clamp(max=k0)
+    k_max = int(k.max())
+    live = torch.arange(k_max)[None, :] < k[:, None]
+    tail_mass = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
+    tail_logit = torch.where(tail_mass > 0, lse.squeeze(1) + tail_mass.clamp_min(1e-38).log(),
+                             torch.full_like(tail_mass, PAD_LOGIT))
+
+    ids = top_ids[:, :k_max]
+    uniq, inverse = torch.unique(ids[live], return_inverse=True)
+    index = torch.zeros(rows_n, k_max, dtype=torch.long)
+    index[live] = inverse
+    basis = torch.cat([transfer.rows(uniq), transfer.mean_row[None, :]])  # last row: the tail
+    tail_index = torch.full((rows_n, 1), len(uniq))
+    index = torch.cat([index, tail_index], dim=1)
+
+    z = torch.where(live, top_z[:, :k_max], torch.full_like(top_z[:, :k_max], PAD_LOGIT))
+    z.requires_grad_(True)
+    opt, sched = _optimizer(z, s)
+    for _ in range(s.steps):
+        sigma = torch.softmax(torch.cat([z, tail_logit[:, None]], dim=1), dim=-1)
+        weights = torch.zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma)
+        kl_mean_per_row(r, weights @ basis).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    z = z.detach().masked_fill(~live, float("-inf"))
+    tokens = ids.gather(1, z.argmax(-1, keepdim=True)).squeeze(1)
+    stats = {"support": k.tolist(), "candidates": k_cand.tolist(),
+             "tail_mass": tail_mass.tolist(), "capped": capped.tolist()}
+    return tokens, stats

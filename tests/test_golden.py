@@ -1,0 +1,121 @@
+"""Conformance with the authors' reference implementation (../shared/golden, README there)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runtime.fusion import FastSettings, Fuser
+from runtime.relative import DenseTransfer, LowRankTransfer, dense_transfer_matrix
+from runtime.search import SearchSettings, candidate_margin, search_exact
+
+GOLDEN_DIR = Path(os.environ.get("DEEPEN_GOLDEN_DIR",
+                                 Path(__file__).resolve().parents[1] / ".." / "shared" / "golden"))
+
+
+def golden_cases():
+    pairs = sorted(GOLDEN_DIR.glob("*.json"))
+    assert pairs, f"no golden cases in {GOLDEN_DIR}"
+    for meta_path in pairs:
+        tensors = load_file(str(meta_path.with_suffix(".safetensors")))
+        for case in json.loads(meta_path.read_text())["cases"]:
+            yield pytest.param(case, tensors, id=f"{meta_path.stem}:{case['name']}")
+
+
+CASES = list(golden_cases())
+
+
+def transfer_for(case, tensors, i, kind):
+    name = case["name"]
+    emb, anchors = tensors[f"{name}.embedding.{i}"], tensors[f"{name}.anchors.{i}"]
+    if kind == "dense":
+        return DenseTransfer(dense_transfer_matrix(emb, anchors, case["temperature"]))
+    return LowRankTransfer.build(emb, anchors, case["temperature"], cache_rows=8)
+
+
+@pytest.mark.parametrize("case,tensors", CASES)
+def test_transfer_matrices(case, tensors):
+    for i in range(len(case["vocab_sizes"])):
+        key = f"{case['name']}.transfer.{i}"
+        dense = transfer_for(case, tensors, i, "dense").matrix
+        assert torch.allclose(dense.sum(-1), torch.ones(dense.shape[0]), atol=1e-5)
+        if key in tensors:
+            assert (dense - tensors[key]).abs().max() <= 1e-5
+        low = transfer_for(case, tensors, i, "lowrank")
+        ids = torch.randperm(dense.shape[0], generator=torch.Generator().manual_seed(i))[:20]
+        assert (low.rows(ids) - dense[ids]).abs().max() <= 1e-5
+        assert (low.rows(ids[:5]) - dense[ids[:5]]).abs().max() <= 1e-5  # through the cache
+        assert (low.mean_row - dense.mean(0)).abs().max() <= 1e-6
+
+
+def run_steps(case, tensors, kind, mode):
+    name, n = case["name"], len(case["vocab_sizes"])
+    fuser = Fuser([transfer_for(case, tensors, i, kind) for i in range(n)], case["weights"],
+                  SearchSettings(eta=case["learning_rate"], steps=case["steps"]), mode=mode,
+                  fast=FastSettings(mass_epsilon=1e-6, max_support=512),
+                  eos_token_id=case["eos_token_id"])
+    for s in range(case["decode_steps"]):
+        logits = [tensors[f"{name}.step{s}.logits.{i}"] for i in range(n)]
+        yield s, fuser.step(logits), fuser
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+@pytest.mark.parametrize("case,tensors", CASES)
+def test_exact_mode_reproduces_reference(case, tensors, kind):
+    name = case["name"]
+    skipped = 0
+    for s, result, fuser in run_steps(case, tensors, kind, "exact"):
+        want_token = tensors[f"{name}.step{s}.token"]
+        assert torch.equal(result.tokens, want_token), f"step {s}"
+        assert torch.allclose(result.final_logits, tensors[f"{name}.step{s}.final_logits"],
+                              rtol=1e-4, atol=1e-3), f"step {s}"
+        if result.fused.all():
+            want_r = tensors[f"{name}.step{s}.aggregated_relative"]
+            assert torch.allclose(result.relative, want_r, rtol=1e-4, atol=1e-3), f"step {s}"
+        else:  # the EOS rule: main's own argmax is EOS, logits returned unchanged
+            skipped += 1
+            assert int(want_token) == case["eos_token_id"]
+            main = tensors[f"{name}.step{s}.logits.0"]
+            assert torch.equal(result.final_logits, main)
+            r, _ = fuser.relative([tensors[f"{name}.step{s}.logits.{i}"]
+                                   for i in range(len(case["vocab_sizes"]))])
+            assert torch.allclose(r, tensors[f"{name}.step{s}.aggregated_relative"],
+                                  rtol=1e-4, atol=1e-3)
+    assert skipped >= 1  # every golden case has an EOS step: the rule must have been exercised
+
+
+@pytest.mark.parametrize("case,tensors", CASES)
+def test_fast_mode_chooses_reference_tokens(case, tensors):
+    for s, result, _ in run_steps(case, tensors, "lowrank", "fast"):
+        assert torch.equal(result.tokens, tensors[f"{case['name']}.step{s}.token"]), f"step {s}"
+
+
+def test_eta_zero_returns_main_argmax():
+    case, tensors = CASES[0].values
+    main = tensors[f"{case['name']}.step0.logits.0"]
+    n = len(case["vocab_sizes"])
+    fuser = Fuser([transfer_for(case, tensors, i, "dense") for i in range(n)], case["weights"],
+                  SearchSettings(eta=0.0), mode="exact", eos_token_id=0)
+    result = fuser.step([tensors[f"{case['name']}.step0.logits.{i}"] for i in range(n)])
+    assert not result.fused.any() and torch.equal(result.tokens, main.argmax(-1))
+
+
+def test_candidate_margin_bounds_the_exact_search():
+    """No token that starts further than the margin below the top may end as the argmax."""
+    gen = torch.Generator().manual_seed(7)
+    for eta in (0.15, 0.5, 1.0):
+        settings = SearchSettings(eta=eta, steps=10)
+        margin = candidate_margin(settings)
+        for _ in range(20):
+            vocab, anchors = 60, 30
+            emb = torch.randn(vocab, 8, generator=gen)
+            transfer = DenseTransfer(dense_transfer_matrix(emb, torch.arange(anchors)))
+            main = torch.randn(1, vocab, generator=gen) * 2
+            target = torch.softmax(torch.randn(1, anchors, generator=gen) * 3, -1)
+            final = search_exact(main, target, transfer, settings)
+            start_gap = main.max() - main[0, final.argmax()]
+            assert start_gap <= margin
+            moved = (final - main).abs().max()
+            assert moved <= margin / 2 + main.abs().max() * 0.01 * eta * 10
