@@ -50,7 +50,7 @@ def tokenizer_json(tokenizer) -> dict:
 
 
 def tokenizer_family(spec: dict) -> str:
-    decoder = json.dumps(spec.get("decoder"))
+    decoder = json.dumps(spec.get("decoder"), ensure_ascii=False)
     if '"ByteLevel"' in decoder:
         return BYTE_LEVEL
     if "\u2581" in decoder or '"Metaspace"' in decoder:

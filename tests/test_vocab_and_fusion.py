@@ -1,0 +1,122 @@
+"""Anchors across tokenizer families, the anchors cache, and fusion on the tiny members."""
+import pytest
+import torch
+
+from runtime.anchors import build_anchor_cache, cached_entry, load_transfers
+from runtime.config import load_config
+from runtime.ensemble import anchors_entry, load_members, make_fuser
+from runtime.reference import reference_decode
+from runtime.vocab import BYTE_LEVEL, SENTENCEPIECE, find_anchors, token_bytes, tokenizer_family, tokenizer_json
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("deepen-home")
+
+
+@pytest.fixture(scope="module")
+def tiny(home):
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    return cfg, load_members(cfg, home=home, log=lambda *a: None)
+
+
+def test_families_detected(tiny):
+    _, members = tiny
+    families = {m.name: tokenizer_family(tokenizer_json(m.tokenizer)) for m in members}
+    assert families == {"tiny-sp": SENTENCEPIECE, "tiny-bpe": BYTE_LEVEL, "tiny-bpe2": BYTE_LEVEL}
+
+
+def test_every_text_token_stands_for_the_bytes_it_decodes_to(tiny):
+    _, members = tiny
+    for m in members:
+        vocab_bytes = token_bytes(m.tokenizer)
+        special = set(m.tokenizer.all_special_ids) | {
+            t["id"] for t in tokenizer_json(m.tokenizer)["added_tokens"] if t["special"]}
+        for i, b in enumerate(vocab_bytes):
+            if i in special:
+                assert b is None
+                continue
+            assert b is not None
+            decoded = m.tokenizer.decode([i])
+            if "\ufffd" not in decoded:  # a whole-character token: its text is exactly its bytes
+                assert b == decoded.encode("utf-8"), (m.name, i)
+
+
+def test_space_markers_of_both_families_meet(tiny):
+    _, members = tiny
+    sp, bpe = token_bytes(members[0].tokenizer), token_bytes(members[1].tokenizer)
+    sp_id = members[0].tokenizer.convert_tokens_to_ids("\u2581the")
+    bpe_id = members[1].tokenizer.convert_tokens_to_ids("\u0120the")
+    assert sp[sp_id] == bpe[bpe_id] == b" the"
+    anchors = find_anchors([sp, bpe])
+    column = (anchors[0] == sp_id).nonzero()
+    assert len(column) == 1 and anchors[1, column[0, 0]] == bpe_id
+
+
+def test_anchors_are_the_intersection_in_main_order(tiny):
+    _, members = tiny
+    vocabs = [token_bytes(m.tokenizer) for m in members]
+    anchors = find_anchors(vocabs)
+    common = set(b for b in vocabs[0] if b) & set(b for b in vocabs[1] if b) & set(b for b in vocabs[2] if b)
+    assert anchors.shape == (3, len(common))
+    for row, vocab in zip(anchors, vocabs):
+        assert [vocab[i] for i in row[:50].tolist()] == [vocabs[0][i] for i in anchors[0, :50].tolist()]
+    assert anchors[0].tolist() == sorted(anchors[0].tolist())
+    assert find_anchors(vocabs, max_anchors=10).tolist() == anchors[:, :10].tolist()
+
+
+def test_anchor_cache_is_keyed_and_reused(tiny, home):
+    cfg, members = tiny
+    entry = anchors_entry(cfg, members, home, progress=False, log=lambda *a: None)
+    stamp = (entry / "member0.safetensors").stat().st_mtime_ns
+    assert anchors_entry(cfg, members, home, progress=False) == entry
+    assert (entry / "member0.safetensors").stat().st_mtime_ns == stamp
+    prints = [m.fingerprint for m in members]
+    assert cached_entry(prints, 7, home / "anchors") is None  # another anchor cap: another key
+    assert cached_entry(list(reversed(prints)), 0, home / "anchors") is None
+
+
+def test_low_rank_transfer_equals_dense(tiny, home):
+    cfg, members = tiny
+    entry = anchors_entry(cfg, members, home, progress=False)
+    lows = load_transfers(entry, cache_rows=4)
+    exact = make_fuser(cfg, members, entry, "exact").transfers
+    for low, dense in zip(lows, exact):
+        ids = torch.arange(0, low.num_tokens, 7)
+        assert torch.allclose(low.rows(ids), dense.matrix[ids], atol=1e-6)
+        sigma = torch.softmax(torch.randn(2, low.num_tokens), -1)
+        assert torch.allclose(low.left(sigma), dense.left(sigma), atol=1e-6)
+        g = torch.randn(2, low.num_anchors)
+        assert torch.allclose(low.right(g), dense.right(g), atol=1e-5)
+
+
+def test_fast_mode_agrees_with_exact_on_tiny_members(tiny, home):
+    """The reference loop with exact fusion; fast mode on the same logits at every step."""
+    from runtime.measure import agreement
+    cfg, members = tiny
+    entry = anchors_entry(cfg, members, home, progress=False)
+    exact, fast = make_fuser(cfg, members, entry, "exact"), make_fuser(cfg, members, entry, "fast")
+    prompts = ["The cat sees", "a dog likes the", "def f(x):\n", "café naïve", "my friend reads"]
+    result = agreement(members, exact, fast, prompts, new_tokens=8)
+    assert result["steps"] >= 30
+    assert result["agreement"] >= 0.97, result["disagreements"]
+
+
+def test_fusion_changes_some_tokens_and_decode_stays_consistent(tiny, home):
+    cfg, members = tiny
+    entry = anchors_entry(cfg, members, home, progress=False)
+    fuser = make_fuser(cfg, members, entry, "exact")
+    changed = []
+
+    def observe(step, rows, logits, result):
+        changed.extend((result.tokens != logits[0].argmax(-1))[result.fused].tolist())
+
+    rows = reference_decode(members, fuser, ["The cat sees", "the model builds"], 10, observe=observe)
+    assert any(changed), "fusion never changed the main model's choice: the assists had no effect"
+    for r in rows:
+        assert r.text == members[0].tokenizer.decode(r.ids)
+        assert r.finish in ("eos", "length", "stop")
