@@ -44,19 +44,21 @@ def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: li
     anchor_ids = find_anchors(vocabs, max_anchors)
     if anchor_ids.shape[1] == 0:
         raise ValueError("the members' vocabularies share no token: no anchors")
+    vocab_sizes = [int(e.shape[0]) for e in embeddings]
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=out_root))
     try:
         for i, (name, emb) in enumerate(zip(names, embeddings)):
             bar = _progress_bar(emb.shape[0], f"relative transfer {name}", progress)
             transfer = LowRankTransfer.build(emb, anchor_ids[i], progress=bar.update)
+            embeddings[i] = emb = None  # the transfer holds the normalised copy; free the original
             bar.close()
             save_file({k: v.contiguous() for k, v in transfer.state().items()},
                       str(tmp / f"member{i}.safetensors"))
         info = {"key": key, "members": names, "fingerprints": fingerprints,
                 "anchors": int(anchor_ids.shape[1]), "max_anchors": max_anchors,
                 "temperature": TEMPERATURE, "anchor_digest": anchor_digest(anchor_ids),
-                "vocab_sizes": [int(e.shape[0]) for e in embeddings],
+                "vocab_sizes": vocab_sizes,
                 "usable_tokens": [sum(b is not None for b in v) for v in vocabs]}
         (tmp / "anchors.json").write_text(json.dumps(info, indent=1))
         if out.exists():

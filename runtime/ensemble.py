@@ -9,7 +9,8 @@ import torch
 from .anchors import build_anchor_cache, cached_entry, exact_transfers, load_transfers
 from .config import EnsembleConfig, MemberConfig
 from .fusion import FastSettings, Fuser
-from .members import deepen_home, fingerprint, load_model, load_tokenizer, member_dir
+from .members import (deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer,
+                      member_dir)
 from .search import SearchSettings
 
 
@@ -59,12 +60,8 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
     if entry is not None:
         return entry
     log("building anchors and relative transfers (once per member set)")
-    embeddings = []
-    for m in members:
-        model = m.model if m.model is not None else load_model(m.path, m.config)
-        embeddings.append(model.get_input_embeddings().weight.detach().float())
-        if m.model is None:
-            del model
+    embeddings = [m.model.get_input_embeddings().weight.detach().float() if m.model is not None
+                  else load_input_embedding(m.path, m.config) for m in members]
     return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
                               embeddings, config.anchors.max_anchors, root, progress)
 

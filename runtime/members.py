@@ -203,6 +203,24 @@ def load_tokenizer(model_dir: Path, member: MemberConfig):
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=member.trust_remote_code)
 
 
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def load_input_embedding(model_dir: Path, member: MemberConfig) -> torch.Tensor:
+    """The input-embedding matrix alone, read straight from the safetensors files (the anchors
+    build needs nothing else; loading whole models would double its peak memory). Falls back to
+    loading the model when no tensor has a known embedding name."""
+    from safetensors import safe_open
+    check_weights_safe(model_dir, member)
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(EMBEDDING_SUFFIXES) and "vision" not in key:
+                    return f.get_tensor(key).float()
+    model = load_model(model_dir, member)
+    return model.get_input_embeddings().weight.detach().float().clone()
+
+
 def load_model(model_dir: Path, member: MemberConfig):
     from transformers import AutoModelForCausalLM
     check_weights_safe(model_dir, member)

@@ -145,7 +145,7 @@ class LowRankTransfer:
         missing = [t for t in id_list if t not in self._slot_of]
         self.misses += len(missing)
         self.hits += len(id_list) - len(missing)
-        if len(missing) > self.cache_rows:  # more than fits: compute directly, cache nothing
+        if len(id_list) > self.cache_rows:  # more than fits: compute directly, cache nothing
             return self.compute_rows(ids)
         for t in id_list:
             if t in self._slot_of:
