@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast clean
+.PHONY: setup test test-fast demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: setup
 # without the real members
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not real"
+
+# the main job on the built-in default ensemble: prepare the real members and anchors (once),
+# then decode examples/prompts.jsonl and print each question with the ensemble's answer
+demo: setup
+	$(BIN)/deepen models prepare
+	$(BIN)/deepen anchors build configs/smol-gemma.toml
+	$(BIN)/deepen generate --config configs/smol-gemma.toml --input examples/prompts.jsonl \
+		--output out/demo.jsonl --overwrite
 
 clean:
 	rm -rf $(VENV) *.egg-info

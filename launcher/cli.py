@@ -12,7 +12,7 @@ import click
 from runtime.config import ConfigError, load_config
 from runtime.members import MemberError, deepen_home
 
-EXPECTED = (ConfigError, MemberError, FileNotFoundError, ValueError)
+EXPECTED = (ConfigError, MemberError, FileNotFoundError, ValueError)  # InputError is a ValueError
 
 
 def peak_rss_mb() -> float:
@@ -112,6 +112,77 @@ def anchors_build(config, as_json):
     click.echo(f"relative transform resident size: {summary['resident_total_mb']} MB "
                f"(row cache {cfg.anchors.row_cache} rows/member included)")
     click.echo(f"time {summary['seconds']} s, peak RSS {summary['peak_rss_mb']} MB")
+
+
+@main.command("generate", cls=Command)
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="ensemble TOML")
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help='JSON lines: {"id": ..., "prompt": ...} (+ max_new_tokens, stop, any other fields)')
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON lines, one result per prompt, appended as rows finish")
+@click.option("--resume", is_flag=True, help="skip ids already in --output and append the rest")
+@click.option("--overwrite", is_flag=True, help="replace an existing --output")
+@click.option("--skip-bad", is_flag=True, help="skip malformed input lines (with a warning) instead of stopping")
+@click.option("--method", type=click.Choice(["deepen", "single"]), default="deepen", show_default=True)
+@click.option("--member", help="with --method single: the member to run alone")
+@click.option("--batch", default=8, show_default=True, help="rows in flight (continuous batching)")
+@click.option("--max-new-tokens", default=64, show_default=True, help="default per prompt")
+@click.option("--stop", multiple=True, help="default stop string(s) per prompt, e.g. --stop '\\n'")
+@click.option("--mode", type=click.Choice(["fast", "exact"]), help="override the config's fusion mode")
+@click.option("--eta", type=float, help="override the config's eta")
+def generate(config, input_path, output_path, resume, overwrite, skip_bad, method, member, batch,
+             max_new_tokens, stop, mode, eta):
+    """Decode every prompt of --input with the ensemble (or one member alone) into --output."""
+    import dataclasses
+    from tqdm import tqdm
+    from runtime.engine import Engine
+    from runtime.ensemble import anchors_entry, load_members, make_fuser, single_fuser
+    from runtime.jobs import ResultWriter, finished_ids, read_requests
+    cfg = load_config(config)
+    if eta is not None:
+        cfg = dataclasses.replace(cfg, eta=eta)
+    stop = tuple(s.encode().decode("unicode_escape") for s in stop)
+    requests = read_requests(input_path, max_new_tokens, stop, skip_bad,
+                             warn=lambda m: click.echo(m, err=True))
+    if Path(output_path).exists() and not (resume or overwrite):
+        fail(f"{output_path} exists: pass --resume to finish it, or --overwrite to replace it")
+    done = finished_ids(output_path) if resume else set()
+    todo = [r for r in requests if r.id not in done]
+    if method == "single":
+        names = [m.name for m in cfg.members]
+        if member not in names:
+            fail(f"--method single needs --member, one of: {', '.join(names)}")
+        cfg = dataclasses.replace(cfg, main=member, members=tuple(m for m in cfg.members if m.name == member))
+    members = load_members(cfg, log=lambda m: click.echo(m, err=True))
+    fuser = single_fuser(members) if method == "single" else \
+        make_fuser(cfg, members, anchors_entry(cfg, members, log=lambda m: click.echo(m, err=True)), mode)
+    engine = Engine(members, fuser, batch)
+    writer = ResultWriter(output_path, append=resume)
+    shown = []
+    t0 = time.perf_counter()
+    tokens = 0
+    try:
+        with tqdm(total=len(todo), desc="prompts", unit="prompt") as bar:
+            def on_result(result):
+                nonlocal tokens
+                writer.write(result.record())
+                tokens += len(result.ids)
+                shown.append(result)
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
+            engine.run(todo, on_result)
+    except KeyboardInterrupt:
+        writer.close()
+        fail(f"interrupted: {writer.count} new results are in {output_path}; "
+             "rerun with --resume to finish the rest")
+    writer.close()
+    seconds = time.perf_counter() - t0
+    click.echo(f"{len(shown)} results ({len(done)} already done) -> {output_path}; "
+               f"{tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)", err=True)
+    if len(shown) <= 20:
+        for r in shown:
+            label = r.request.extra.get("question", r.request.prompt[-60:])
+            click.echo(f"{label}\n  -> {r.text.strip()}   [{r.finish}, {len(r.ids)} tokens]")
 
 
 @main.group(cls=Group)

@@ -76,3 +76,8 @@ def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode:
                  SearchSettings(eta=config.eta, steps=config.steps), mode,
                  FastSettings(config.anchors.mass_epsilon, config.anchors.max_support),
                  members[0].eos_token_id)
+
+
+def single_fuser(members: list[Member]) -> Fuser:
+    """A member alone through the same engine: eta 0, so no fusion, its own greedy token."""
+    return Fuser([None], [1.0], SearchSettings(eta=0.0), "fast", eos_token_id=members[0].eos_token_id)

@@ -1,0 +1,94 @@
+"""`deepen generate`: JSON lines in and out, bad input, interruption and --resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.jobs import InputError, finished_ids, read_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["the cat", "a dog", "my friend", "the model", "this system", "café", "日本", "code"]
+
+
+def write_prompts(path: Path, n: int):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"{WORDS[i % 8]} {WORDS[(i * 3) % 8]} sees",
+                                "max_new_tokens": 6 + i % 7, "topic": i}) + "\n")
+
+
+def deepen(home: Path, *args, **kw):
+    env = {**os.environ, "DEEPEN_HOME": str(home)}
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def records(path: Path) -> dict:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_malformed_lines_are_named(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1, "prompt": "a"}\n\n{"id": 2, "prompt": "b"\n{"id": 3}\n{"id": 1, "prompt": "c"}\n')
+    with pytest.raises(InputError, match=r"in.jsonl:3: not valid JSON"):
+        read_requests(path)
+    warnings = []
+    ok = read_requests(path, skip_bad=True, warn=warnings.append)
+    assert [r.id for r in ok] == [1]
+    assert any(":4: field 'prompt'" in w for w in warnings)
+    assert any(":5: duplicate id 1 (first on line 1)" in w for w in warnings)
+
+
+def test_torn_last_line_is_cut_on_resume(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a", "completion": "x"}\n{"id": "b", "compl')
+    assert finished_ids(out) == {"a"}
+    assert out.read_text() == '{"id": "a", "completion": "x"}\n'
+
+
+def test_cli_stops_on_bad_line_before_any_work(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": 5}\n')
+    proc = deepen(tmp_path, "generate", "--config", "configs/tiny.toml", "--input", str(path),
+                  "--output", str(tmp_path / "out.jsonl"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == f"error: {path}:2: field 'prompt' must be a non-empty string"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_interrupted_job_resumes_to_the_same_output(tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    write_prompts(prompts, 24)
+    common = ["generate", "--config", "configs/tiny.toml", "--input", str(prompts), "--batch", "3"]
+    full = tmp_path / "full.jsonl"
+    proc = deepen(tmp_path, *common, "--output", str(full))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    want = records(full)
+    assert len(want) == 24 and want["p5"]["topic"] == 5
+
+    part = tmp_path / "part.jsonl"
+    proc = deepen(tmp_path, *common, "--output", str(part))
+    deadline = time.time() + 240
+    while time.time() < deadline and (not part.exists() or len(part.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a crash: no chance to clean up
+    proc.communicate(timeout=60)
+    done = len(part.read_text().splitlines())
+    assert 5 <= done < 24, "the job was not interrupted mid-way"
+
+    proc = deepen(tmp_path, *common, "--output", str(part))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--resume" in err  # never silently overwrites finished work
+    proc = deepen(tmp_path, *common, "--output", str(part), "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    lines = part.read_text().splitlines()
+    assert len(lines) == 24 and len({json.loads(l)["id"] for l in lines}) == 24
+    assert records(part) == want
