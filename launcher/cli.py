@@ -96,13 +96,14 @@ def anchors_build(config, as_json):
     members = load_members(cfg, with_models=False)
     entry = anchors_entry(cfg, members)
     build_s = time.perf_counter() - t0
+    build_peak = peak_rss_mb()  # before the summary below loads the transfers back
     info = anchor_info(entry)
     transfers = load_transfers(entry, cfg.anchors.row_cache)
     summary = {"entry": str(entry), "anchors": info["anchors"], "members": info["members"],
                "vocab_sizes": info["vocab_sizes"], "usable_tokens": info["usable_tokens"],
                "resident_mb": {n: round(t.nbytes() / 2**20, 1) for n, t in zip(info["members"], transfers)},
                "resident_total_mb": round(sum(t.nbytes() for t in transfers) / 2**20, 1),
-               "seconds": round(build_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+               "seconds": round(build_s, 1), "peak_rss_build_mb": round(build_peak, 1)}
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -111,7 +112,7 @@ def anchors_build(config, as_json):
         click.echo(f"  {n:24s} vocab {v:>7,}  text tokens {u:>7,}  kept {summary['resident_mb'][n]:8.1f} MB")
     click.echo(f"relative transform resident size: {summary['resident_total_mb']} MB "
                f"(row cache {cfg.anchors.row_cache} rows/member included)")
-    click.echo(f"time {summary['seconds']} s, peak RSS {summary['peak_rss_mb']} MB")
+    click.echo(f"time {summary['seconds']} s, peak RSS of the build {summary['peak_rss_build_mb']} MB")
 
 
 @main.command("generate", cls=Command)
@@ -183,6 +184,39 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
         for r in shown:
             label = r.request.extra.get("question", r.request.prompt[-60:])
             click.echo(f"{label}\n  -> {r.text.strip()}   [{r.finish}, {len(r.ids)} tokens]")
+
+
+@main.command("bench", cls=Command)
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--batch", default="1,8,32", show_default=True, help="comma-separated batch sizes")
+@click.option("--new-tokens", default=32, show_default=True)
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
+              help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
+@click.option("--repeat", default=3, show_default=True, help="repetitions after a warm-up")
+@click.option("--compare", default="members,reference", show_default=True,
+              help="comma-separated: members (each alone, same engine), reference (authors' loop)")
+@click.option("--reference-prompts", default=2, show_default=True)
+@click.option("--reference-tokens", default=8, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="write the JSON here")
+def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, reference_prompts,
+                  reference_tokens, output):
+    """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
+    from one run, with the share of step time in each part (min/median/max over --repeat)."""
+    from runtime.bench import bench, table
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.jobs import read_requests
+    from runtime.prompts import qa_prompts
+    cfg = load_config(config)
+    members = load_members(cfg, log=lambda m: click.echo(m, err=True))
+    fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
+    prompts = [r.prompt for r in read_requests(prompts_path)] if prompts_path else qa_prompts("triviaqa", "dev", 32)
+    result = bench(members, fuser, prompts, [int(b) for b in batch.split(",")], new_tokens, repeat,
+                   tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
+                   log=lambda m: click.echo(m, err=True))
+    result.update({"config": config, "mode": fuser.mode})
+    if output:
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(table(result))
 
 
 @main.group(cls=Group)

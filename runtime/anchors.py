@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .relative import TEMPERATURE, DenseTransfer, LowRankTransfer, dense_transfer_matrix
 from .vocab import anchor_digest, find_anchors, token_bytes
@@ -34,27 +34,48 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path):
+    """Write a safetensors file straight from the tensors' memory (safetensors' own save_file
+    first copies everything into one bytes object: +1 GB of peak memory for Gemma-3)."""
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(memoryview(t.contiguous().numpy()).cast("B"))
+
+
 def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: list,
-                       embeddings: list[torch.Tensor], max_anchors: int, out_root: Path,
+                       load_embedding: list, max_anchors: int, out_root: Path,
                        progress: bool = True) -> Path:
-    """Anchors + one LowRankTransfer per member, written atomically under out_root/<key>."""
+    """Anchors + one LowRankTransfer per member, written atomically under out_root/<key>.
+    `load_embedding[i]()` returns member i's input embeddings as a fresh fp32 tensor that the
+    build may overwrite (one member in memory at a time)."""
     key = cache_key(fingerprints, max_anchors)
     out = out_root / key
     vocabs = [token_bytes(t) for t in tokenizers]
     anchor_ids = find_anchors(vocabs, max_anchors)
     if anchor_ids.shape[1] == 0:
         raise ValueError("the members' vocabularies share no token: no anchors")
-    vocab_sizes = [int(e.shape[0]) for e in embeddings]
+    vocab_sizes = []
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=out_root))
     try:
-        for i, (name, emb) in enumerate(zip(names, embeddings)):
+        for i, name in enumerate(names):
+            emb = load_embedding[i]()
+            vocab_sizes.append(int(emb.shape[0]))
             bar = _progress_bar(emb.shape[0], f"relative transfer {name}", progress)
-            transfer = LowRankTransfer.build(emb, anchor_ids[i], progress=bar.update)
-            embeddings[i] = emb = None  # the transfer holds the normalised copy; free the original
+            transfer = LowRankTransfer.build(emb, anchor_ids[i], progress=bar.update, inplace=True)
             bar.close()
-            save_file({k: v.contiguous() for k, v in transfer.state().items()},
-                      str(tmp / f"member{i}.safetensors"))
+            save_tensors(transfer.state(), tmp / f"member{i}.safetensors")
+            del emb, transfer
         info = {"key": key, "members": names, "fingerprints": fingerprints,
                 "anchors": int(anchor_ids.shape[1]), "max_anchors": max_anchors,
                 "temperature": TEMPERATURE, "anchor_digest": anchor_digest(anchor_ids),

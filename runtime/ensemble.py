@@ -9,8 +9,7 @@ import torch
 from .anchors import build_anchor_cache, cached_entry, exact_transfers, load_transfers
 from .config import EnsembleConfig, MemberConfig
 from .fusion import FastSettings, Fuser
-from .members import (deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer,
-                      member_dir)
+from .members import deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
 from .search import SearchSettings
 
 
@@ -60,10 +59,9 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
     if entry is not None:
         return entry
     log("building anchors and relative transfers (once per member set)")
-    embeddings = [m.model.get_input_embeddings().weight.detach().float() if m.model is not None
-                  else load_input_embedding(m.path, m.config) for m in members]
+    loaders = [lambda m=m: load_input_embedding(m.path, m.config) for m in members]
     return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
-                              embeddings, config.anchors.max_anchors, root, progress)
+                              loaders, config.anchors.max_anchors, root, progress)
 
 
 def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,

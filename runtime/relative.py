@@ -91,9 +91,13 @@ class LowRankTransfer:
 
     @classmethod
     def build(cls, emb: torch.Tensor, anchor_ids: torch.Tensor, temperature: float = TEMPERATURE,
-              cache_rows: int = 512, progress=None) -> "LowRankTransfer":
-        """Sweep P once, chunk by chunk, keeping only the two scalars per token and the mean row."""
-        unit = unit_rows(emb).contiguous()
+              cache_rows: int = 512, progress=None, inplace: bool = False) -> "LowRankTransfer":
+        """Sweep P once, chunk by chunk, keeping only the two scalars per token and the mean row.
+        `inplace` normalises `emb` itself (a caller's own fp32 copy) instead of copying it."""
+        if inplace and emb.dtype == torch.float32 and emb.is_contiguous():
+            unit = emb.div_(emb.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # = F.normalize
+        else:
+            unit = unit_rows(emb).contiguous()
         anchors_t = unit[anchor_ids].T.contiguous()
         vocab = unit.shape[0]
         inv_norm = torch.empty(vocab)

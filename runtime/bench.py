@@ -1,0 +1,108 @@
+"""Throughput, measured as ratios inside one run: the ensemble engine against each member
+decoding alone through the same engine, and against the authors' style reference loop.
+
+Every figure is over `repeat` repetitions after a warm-up, reported as min / median / max, so a
+reader can see the noise of a shared machine next to the ratios."""
+from __future__ import annotations
+
+import statistics
+import time
+
+from .engine import Engine, Request
+from .ensemble import single_fuser
+from .reference import reference_decode
+
+
+def _spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int) -> dict:
+    engine = Engine(members, fuser, max_batch=batch)
+    requests = [Request(i, p, new_tokens) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    results = engine.run(requests)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.ids) for r in results)
+    return {"seconds": seconds, "tokens": tokens, "steps": engine.steps,
+            "tokens_per_s": tokens / seconds, "step_s": seconds / max(engine.steps, 1),
+            "breakdown_s": dict(engine.seconds)}
+
+
+def run_reference(members, fuser, prompts: list[str], new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    rows = reference_decode(members, fuser, prompts, new_tokens)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.ids) for r in rows)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: int, repeat: int,
+          compare: tuple[str, ...] = ("members", "reference"), reference_prompts: int = 2,
+          reference_tokens: int = 8, log=print) -> dict:
+    """Each batch size B decodes B prompts (all in flight at once) for `new_tokens` tokens."""
+    log("warm-up")
+    run_engine(members, fuser, prompts[:2], 2, 2)
+    out = {"new_tokens": new_tokens, "repeat": repeat, "batches": []}
+    for batch in batches:
+        chosen = (prompts * (batch // len(prompts) + 1))[:batch]
+        row = {"batch": batch}
+        runs = []
+        for r in range(repeat):
+            log(f"batch {batch}: ensemble {r + 1}/{repeat}")
+            runs.append(run_engine(members, fuser, chosen, batch, new_tokens))
+        row["ensemble"] = _summary(runs)
+        if "members" in compare:
+            row["members"] = {}
+            for m in members:
+                solo = []
+                for r in range(repeat):
+                    log(f"batch {batch}: {m.name} alone {r + 1}/{repeat}")
+                    solo.append(run_engine([m], single_fuser([m]), chosen, batch, new_tokens))
+                row["members"][m.name] = _summary(solo)
+            solo_sum = sum(v["step_s"]["median"] for v in row["members"].values())
+            row["ensemble_step_over_sum_of_solo_steps"] = row["ensemble"]["step_s"]["median"] / solo_sum
+        out["batches"].append(row)
+    if "reference" in compare:
+        ref = []
+        for r in range(repeat):
+            log(f"reference loop {r + 1}/{repeat} ({reference_prompts} prompts x {reference_tokens} tokens)")
+            ref.append(run_reference(members, fuser, prompts[:reference_prompts], reference_tokens))
+        out["reference"] = {"prompts": reference_prompts, "new_tokens": reference_tokens,
+                            "tokens_per_s": _spread([x["tokens_per_s"] for x in ref])}
+        for row in out["batches"]:
+            row["speedup_vs_reference"] = (row["ensemble"]["tokens_per_s"]["median"] /
+                                           out["reference"]["tokens_per_s"]["median"])
+    return out
+
+
+def _summary(runs: list[dict]) -> dict:
+    keys = sorted({k for r in runs for k in r["breakdown_s"]})
+    total = statistics.median(r["seconds"] for r in runs)
+    breakdown = {k: statistics.median(r["breakdown_s"].get(k, 0.0) for r in runs) for k in keys}
+    forward = sum(v for k, v in breakdown.items() if k.startswith(("forward:", "prefill:")))
+    return {"tokens_per_s": _spread([r["tokens_per_s"] for r in runs]),
+            "step_s": _spread([r["step_s"] for r in runs]),
+            "tokens": runs[0]["tokens"], "steps": runs[0]["steps"],
+            "share": {k: v / total for k, v in breakdown.items()},
+            "outside_forward_share": 1 - forward / total}
+
+
+def table(result: dict) -> str:
+    """Markdown for people."""
+    lines = ["| batch | ensemble tok/s (min/med/max) | " +
+             " | ".join(f"{n} alone tok/s" for n in result["batches"][0].get("members", {})) +
+             " | step / sum of solo steps | outside forward | vs reference |",
+             "|---|---|" + "---|" * len(result["batches"][0].get("members", {})) + "---|---|---|"]
+    for row in result["batches"]:
+        e = row["ensemble"]["tokens_per_s"]
+        solo = " | ".join(f"{v['tokens_per_s']['median']:.1f}" for v in row.get("members", {}).values())
+        lines.append(f"| {row['batch']} | {e['min']:.1f} / {e['median']:.1f} / {e['max']:.1f} | {solo} | "
+                     f"{row.get('ensemble_step_over_sum_of_solo_steps', float('nan')):.2f} | "
+                     f"{row['ensemble']['outside_forward_share']:.1%} | "
+                     f"{row.get('speedup_vs_reference', float('nan')):.1f}x |")
+    if "reference" in result:
+        r = result["reference"]
+        lines.append(f"\nreference loop ({r['prompts']} prompts x {r['new_tokens']} tokens): "
+                     f"{r['tokens_per_s']['median']:.2f} tok/s")
+    return "\n".join(lines)
