@@ -198,11 +198,12 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
 @click.option("--reference-prompts", default=2, show_default=True)
 @click.option("--reference-tokens", default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the JSON here")
+@click.option("--plots", type=click.Path(file_okay=False), help="write throughput.png and breakdown.png here")
 def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, reference_prompts,
-                  reference_tokens, output):
+                  reference_tokens, output, plots):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
     from one run, with the share of step time in each part (min/median/max over --repeat)."""
-    from runtime.bench import bench, table
+    from runtime.bench import bench, plot, table
     from runtime.ensemble import anchors_entry, load_members, make_fuser
     from runtime.jobs import read_requests
     from runtime.prompts import qa_prompts
@@ -213,10 +214,14 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
     result = bench(members, fuser, prompts, [int(b) for b in batch.split(",")], new_tokens, repeat,
                    tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
                    log=lambda m: click.echo(m, err=True))
-    result.update({"config": config, "mode": fuser.mode})
+    result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1)})
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
     click.echo(table(result))
+    click.echo(f"peak RSS of this process: {result['peak_rss_mb']} MB")
+    if plots:
+        for path in plot(result, plots):
+            click.echo(f"plot: {path}")
 
 
 @main.group(cls=Group)
@@ -231,9 +236,8 @@ def measure():
 @click.option("--new-tokens", default=20, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
 def measure_agreement(config, task, n_prompts, new_tokens, output):
-    """Fast vs exact mode: decode with exact mode (the authors' loop, no stop string) and run
-    fast mode on the same logits at every fused step; report token agreement and the largest
-    neglected probability mass."""
+    """Fast vs exact mode: decode with exact mode (no stop string) and run fast mode on the same
+    logits at every fused step; report token agreement and the largest neglected mass."""
     from tqdm import tqdm
     from runtime.ensemble import anchors_entry, load_members, make_fuser
     from runtime.measure import agreement
@@ -244,10 +248,32 @@ def measure_agreement(config, task, n_prompts, new_tokens, output):
     exact, fast = make_fuser(cfg, members, entry, "exact"), make_fuser(cfg, members, entry, "fast")
     prompts = qa_prompts(task, "dev", n_prompts)
     t0 = time.perf_counter()
-    with tqdm(desc="fused steps", unit="step") as bar:
-        result = agreement(members, exact, fast, prompts, new_tokens, bar.update)
+    with tqdm(total=len(prompts), desc="prompts", unit="prompt") as bar:
+        result = agreement(members, exact, fast, prompts, new_tokens, progress=bar.update)
     result.update({"config": config, "task": task, "prompts": len(prompts), "new_tokens": new_tokens,
                    "anchors": exact.transfers[0].num_anchors, "seconds": round(time.perf_counter() - t0, 1)})
+    _report(result, output)
+
+
+@measure.command("equality")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--prompts", "n_prompts", default=20, show_default=True, help="TriviaQA dev questions, 0-shot")
+@click.option("--new-tokens", default=32, show_default=True)
+@click.option("--batch", default=8, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
+def measure_equality(config, n_prompts, new_tokens, batch, output):
+    """The engine (batched, KV-cached) against the reference loop (the authors' way: full
+    re-tokenisation, no cache, rows independent), same fusion mode: token-for-token equality."""
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.measure import equality
+    from runtime.prompts import data_dir, read_jsonl
+    cfg = load_config(config)
+    members = load_members(cfg)
+    fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
+    questions = read_jsonl(data_dir() / "triviaqa" / "dev.jsonl")[:n_prompts]
+    prompts = [f"Question: {q['question']}\nAnswer:" for q in questions]
+    result = equality(members, fuser, prompts, new_tokens, batch)
+    result.update({"config": config, "mode": fuser.mode, "new_tokens": new_tokens, "batch": batch})
     _report(result, output)
 
 

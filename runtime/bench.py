@@ -18,6 +18,8 @@ def _spread(values: list[float]) -> dict:
 
 
 def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int) -> dict:
+    if hasattr(fuser, "seconds"):
+        fuser.seconds.clear()
     engine = Engine(members, fuser, max_batch=batch)
     requests = [Request(i, p, new_tokens) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
@@ -26,7 +28,8 @@ def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int) 
     tokens = sum(len(r.ids) for r in results)
     return {"seconds": seconds, "tokens": tokens, "steps": engine.steps,
             "tokens_per_s": tokens / seconds, "step_s": seconds / max(engine.steps, 1),
-            "breakdown_s": dict(engine.seconds)}
+            "ttft_s": statistics.median(r.first_token_s for r in results),
+            "breakdown_s": engine.breakdown()}
 
 
 def run_reference(members, fuser, prompts: list[str], new_tokens: int) -> dict:
@@ -83,6 +86,7 @@ def _summary(runs: list[dict]) -> dict:
     forward = sum(v for k, v in breakdown.items() if k.startswith(("forward:", "prefill:")))
     return {"tokens_per_s": _spread([r["tokens_per_s"] for r in runs]),
             "step_s": _spread([r["step_s"] for r in runs]),
+            "ttft_s": _spread([r["ttft_s"] for r in runs]),
             "tokens": runs[0]["tokens"], "steps": runs[0]["steps"],
             "share": {k: v / total for k, v in breakdown.items()},
             "outside_forward_share": 1 - forward / total}
@@ -106,3 +110,55 @@ def table(result: dict) -> str:
         lines.append(f"\nreference loop ({r['prompts']} prompts x {r['new_tokens']} tokens): "
                      f"{r['tokens_per_s']['median']:.2f} tok/s")
     return "\n".join(lines)
+
+
+def plot(result: dict, out_dir) -> list:
+    """tokens/s vs batch (ensemble, each member alone, reference) and the stacked step breakdown."""
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = result["batches"]
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    med = [r["ensemble"]["tokens_per_s"]["median"] for r in rows]
+    err = [[m - r["ensemble"]["tokens_per_s"]["min"] for m, r in zip(med, rows)],
+           [r["ensemble"]["tokens_per_s"]["max"] - m for m, r in zip(med, rows)]]
+    ax.errorbar(batches, med, yerr=err, marker="o", label="ensemble (DEEPEN)", capsize=3)
+    for name in rows[0].get("members", {}):
+        ax.plot(batches, [r["members"][name]["tokens_per_s"]["median"] for r in rows], marker="s",
+                linestyle="--", label=f"{name} alone")
+    if "reference" in result:
+        ax.axhline(result["reference"]["tokens_per_s"]["median"], color="grey", linestyle=":",
+                   label="reference loop (authors' style)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (rows in flight)")
+    ax.set_ylabel("new tokens / s")
+    ax.set_title(f"Throughput: {result.get('config', '')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out_dir / "throughput.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    parts = sorted({k for r in rows for k in r["ensemble"]["share"]})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(rows)
+    for part in parts:
+        values = [r["ensemble"]["share"].get(part, 0.0) for r in rows]
+        ax.bar([str(b) for b in batches], values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("batch")
+    ax.set_ylabel("share of decoding time")
+    ax.set_title("Where the time goes (ensemble)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    paths.append(out_dir / "breakdown.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -36,6 +36,8 @@ class Row:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     fused_steps: int = 0
+    admitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Result:
     finish: str
     member_tokens: dict[str, int]
     fused_steps: int
+    first_token_s: float | None = None  # from admission to the first committed token
 
     def record(self) -> dict:
         return {**self.request.extra, "id": self.request.id, "completion": self.text,
@@ -64,6 +67,15 @@ class Engine:
         self.slots: list[Row | None] = []
         self.seconds: dict[str, float] = defaultdict(float)  # where step time goes
         self.steps = 0
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per part: forward:<member>, prefill:<member>, resync, relative, search, and
+        fusion_other (skip rules, bookkeeping)."""
+        out = {k: v for k, v in self.seconds.items() if k != "fusion"}
+        inner = getattr(self.fuser, "seconds", {})
+        out.update(inner)
+        out["fusion_other"] = self.seconds.get("fusion", 0.0) - sum(inner.values())
+        return out
 
     def _timed(self, key: str, fn, *args):
         t0 = time.perf_counter()
@@ -104,6 +116,8 @@ class Engine:
         finished, keep_slots, texts = [], [], []
         for slot, row, token, fused in zip(active, rows, result.tokens.tolist(), result.fused.tolist()):
             row.fused_steps += int(fused)
+            if row.first_token is None:
+                row.first_token = time.perf_counter()
             finish = None
             if token == self.eos:
                 finish = "eos"
@@ -132,7 +146,8 @@ class Engine:
         for lane in self.lanes:
             prompt_len = len(lane.encode([lane.prefix[slot]])[0])
             counts[lane.member.name] = len(lane.encode([lane.prefix[slot] + row.text])[0]) - prompt_len
-        return Result(row.request, row.text, row.ids, finish, counts, row.fused_steps)
+        return Result(row.request, row.text, row.ids, finish, counts, row.fused_steps,
+                      row.first_token - row.admitted)
 
     def drop_free_slots(self):
         """No prompt is waiting: free slots would only compute padding. Drop them."""

@@ -6,6 +6,8 @@ neglected mass goes to P's mean row, and is reported) and runs `search_fast`.
 """
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +74,7 @@ class Fuser:
         self.mode = mode
         self.fast = fast or FastSettings()
         self.eos_token_id = eos_token_id
+        self.seconds: dict[str, float] = defaultdict(float)  # relative transform, search
 
     def relative(self, member_logits: list[torch.Tensor]):
         if self.mode == "exact":
@@ -97,14 +100,19 @@ class Fuser:
         if not fuse.any():
             return StepResult(tokens, fuse, None, main if self.mode == "exact" else None)
         rows = fuse.nonzero(as_tuple=True)[0]
+        t0 = time.perf_counter()
         r, stats = self.relative([l[rows] for l in member_logits])
+        t1 = time.perf_counter()
+        self.seconds["relative"] += t1 - t0
         if self.mode == "exact":
             final = main.clone()
             final[rows] = search_exact(main[rows], r, self.transfers[0], self.search)
+            self.seconds["search"] += time.perf_counter() - t1
             tokens = final.argmax(-1)
             return StepResult(tokens, fuse, r, final, stats)
         chosen, search_stats = search_fast(main[rows], r, self.transfers[0], self.search,
                                            self.fast.mass_epsilon, self.fast.max_support)
+        self.seconds["search"] += time.perf_counter() - t1
         tokens = tokens.clone()
         tokens[rows] = chosen
         stats.update(search_stats)

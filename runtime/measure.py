@@ -7,42 +7,72 @@ import time
 
 import torch
 
+from .engine import Engine, Request
 from .reference import reference_decode
 
 
-def agreement(members, exact_fuser, fast_fuser, prompts: list[str], new_tokens: int,
-              progress=None) -> dict:
-    """Decode with exact mode (the authors' loop); at every fused step also run fast mode on the
-    same logits and compare the chosen tokens."""
-    seen = {"steps": 0, "agree": 0, "skipped": 0, "max_neglected_mass": 0.0,
-            "max_search_tail_mass": 0.0, "capped": 0, "max_support": 0, "disagreements": []}
+class ComparingFuser:
+    """Decides with `exact`; at every fused step also runs `fast` on the same logits and records
+    whether it chose the same tokens, and what fast mode neglected."""
 
-    def observe(step, rows, logits, exact):
-        seen["skipped"] += int((~exact.fused).sum())
-        if not exact.fused.any():
-            return
-        fast = fast_fuser.step(logits, ~exact.fused)
-        fused = exact.fused.nonzero(as_tuple=True)[0].tolist()
-        for i in fused:
+    def __init__(self, exact, fast):
+        self.exact, self.fast = exact, fast
+        self.seen = {"steps": 0, "agree": 0, "skipped": 0, "max_neglected_mass": 0.0,
+                     "max_search_tail_mass": 0.0, "capped": 0, "max_support": 0, "disagreements": []}
+
+    def step(self, logits, skip=None):
+        result = self.exact.step(logits, skip)
+        seen = self.seen
+        seen["skipped"] += int((~result.fused).sum())
+        if not result.fused.any():
+            return result
+        fast = self.fast.step(logits, ~result.fused)
+        for i in result.fused.nonzero(as_tuple=True)[0].tolist():
             seen["steps"] += 1
-            same = int(fast.tokens[i]) == int(exact.tokens[i])
+            same = int(fast.tokens[i]) == int(result.tokens[i])
             seen["agree"] += same
             if not same:
-                seen["disagreements"].append({"prompt": prompts.index(rows[i].prompt), "step": step,
-                                              "exact": int(exact.tokens[i]),
-                                              "fast": int(fast.tokens[i])})
+                seen["disagreements"].append({"exact": int(result.tokens[i]), "fast": int(fast.tokens[i])})
         s = fast.stats
         seen["max_neglected_mass"] = max([seen["max_neglected_mass"]] +
                                          [x for member in s["neglected_mass"] for x in member])
         seen["max_search_tail_mass"] = max([seen["max_search_tail_mass"]] + s["tail_mass"])
         seen["capped"] += sum(s["capped"])
         seen["max_support"] = max([seen["max_support"]] + s["support"])
-        if progress:
-            progress(len(fused))
+        return result
 
-    reference_decode(members, exact_fuser, prompts, new_tokens, observe=observe)
+
+def agreement(members, exact_fuser, fast_fuser, prompts: list[str], new_tokens: int,
+              batch: int = 32, progress=None) -> dict:
+    """Decode with exact mode through the engine (equal to the authors' loop, tested); at every
+    fused step also run fast mode on the same logits and compare the chosen tokens."""
+    fuser = ComparingFuser(exact_fuser, fast_fuser)
+    engine = Engine(members, fuser, max_batch=batch)
+    engine.run([Request(i, p, new_tokens) for i, p in enumerate(prompts)],
+               on_result=(lambda r: progress(1)) if progress else None)
+    seen = fuser.seen
     seen["agreement"] = seen["agree"] / max(seen["steps"], 1)
     return seen
+
+
+def equality(members, fuser, prompts: list[str], new_tokens: int, batch: int = 8) -> dict:
+    """The engine against the reference loop (full re-tokenisation, no cache), token for token."""
+    t0 = time.perf_counter()
+    want = reference_decode(members, fuser, prompts, new_tokens)
+    reference_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = {r.request.id: r for r in Engine(members, fuser, max_batch=batch).run(
+        [Request(i, p, new_tokens) for i, p in enumerate(prompts)])}
+    engine_s = time.perf_counter() - t0
+    same = [got[i].ids == ref.ids for i, ref in enumerate(want)]
+    first = {}
+    for i, ref in enumerate(want):
+        if got[i].ids != ref.ids:
+            k = next((j for j, (a, b) in enumerate(zip(got[i].ids, ref.ids)) if a != b),
+                     min(len(got[i].ids), len(ref.ids)))
+            first[i] = k
+    return {"prompts": len(prompts), "identical": sum(same), "tokens": sum(len(r.ids) for r in want),
+            "first_divergence": first, "reference_s": reference_s, "engine_s": engine_s}
 
 
 def _prefill(member, texts: list[str]):
