@@ -234,10 +234,14 @@ def measure():
 @click.option("--task", default="triviaqa", type=click.Choice(["triviaqa", "nq"]), show_default=True)
 @click.option("--prompts", "n_prompts", default=26, show_default=True, help="dev questions")
 @click.option("--new-tokens", default=20, show_default=True)
+@click.option("--setting", "settings", multiple=True,
+              help="fast-mode settings to compare, MASS_EPSILON:MAX_SUPPORT (repeatable; default: the config's)")
+@click.option("--batch", default=32, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_agreement(config, task, n_prompts, new_tokens, output):
+def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, output):
     """Fast vs exact mode: decode with exact mode (no stop string) and run fast mode on the same
     logits at every fused step; report token agreement and the largest neglected mass."""
+    import dataclasses
     from tqdm import tqdm
     from runtime.ensemble import anchors_entry, load_members, make_fuser
     from runtime.measure import agreement
@@ -245,13 +249,18 @@ def measure_agreement(config, task, n_prompts, new_tokens, output):
     cfg = load_config(config)
     members = load_members(cfg)
     entry = anchors_entry(cfg, members)
-    exact, fast = make_fuser(cfg, members, entry, "exact"), make_fuser(cfg, members, entry, "fast")
+    exact = make_fuser(cfg, members, entry, "exact")
+    fast = {}
+    for setting in settings or [f"{cfg.anchors.mass_epsilon}:{cfg.anchors.max_support}"]:
+        eps, _, k = setting.partition(":")
+        anchors = dataclasses.replace(cfg.anchors, mass_epsilon=float(eps), max_support=int(k))
+        fast[setting] = make_fuser(dataclasses.replace(cfg, anchors=anchors), members, entry, "fast")
     prompts = qa_prompts(task, "dev", n_prompts)
     t0 = time.perf_counter()
     with tqdm(total=len(prompts), desc="prompts", unit="prompt") as bar:
-        result = agreement(members, exact, fast, prompts, new_tokens, progress=bar.update)
+        result = agreement(members, exact, fast, prompts, new_tokens, batch, progress=bar.update)
     result.update({"config": config, "task": task, "prompts": len(prompts), "new_tokens": new_tokens,
-                   "anchors": exact.transfers[0].num_anchors, "seconds": round(time.perf_counter() - t0, 1)})
+                   "anchors": exact.transfers[0].num_anchors, "batch": batch, "seconds": round(time.perf_counter() - t0, 1)})
     _report(result, output)
 
 

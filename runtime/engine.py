@@ -57,11 +57,11 @@ class Result:
 
 
 class Engine:
-    def __init__(self, members, fuser, max_batch: int = 8):
+    def __init__(self, members, fuser, max_batch: int = 8, lanes: list[Lane] | None = None):
         self.members = members
         self.fuser = fuser
         self.max_batch = max_batch
-        self.lanes = [Lane(m) for m in members]
+        self.lanes = lanes if lanes is not None else [Lane(m) for m in members]
         self.main = members[0].tokenizer
         self.eos = members[0].eos_token_id
         self.slots: list[Row | None] = []
@@ -107,15 +107,30 @@ class Engine:
         active = [i for i, r in enumerate(self.slots) if r is not None]
         rows = [self.slots[i] for i in active]
         logits = [lane.logits[active] for lane in self.lanes]
-        own = logits[0].argmax(-1).tolist()
-        skip = torch.tensor([completes_stop(self.main.decode(r.ids + [t]), r.request.stop) is not None
-                             for r, t in zip(rows, own)])
+        skip = self.skip_mask(rows, logits[0])
         result = self._timed("fusion", self.fuser.step, logits, skip)
         self.steps += 1
 
+        finished, keep_slots, texts = self.commit(active, result.tokens.tolist(), result.fused.tolist())
+        for lane in self.lanes:
+            pending = self._timed("resync", lane.sync, keep_slots, texts)
+            if keep_slots:
+                self._timed(f"forward:{lane.member.name}", lane.forward, keep_slots, pending)
+        return finished
+
+    def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor:
+        """Rows where the main model's own token would complete a stop string: no fusion."""
+        own = main_logits.argmax(-1).tolist()
+        return torch.tensor([completes_stop(self.main.decode(r.ids + [t]), r.request.stop) is not None
+                             for r, t in zip(rows, own)], dtype=torch.bool)
+
+    def commit(self, active: list[int], tokens: list[int], fused: list[bool]):
+        """Append each row's token; finish rows on EOS, a stop string or max_new_tokens.
+        Returns (finished results, slots still running, their committed texts)."""
         finished, keep_slots, texts = [], [], []
-        for slot, row, token, fused in zip(active, rows, result.tokens.tolist(), result.fused.tolist()):
-            row.fused_steps += int(fused)
+        for slot, token, was_fused in zip(active, tokens, fused):
+            row = self.slots[slot]
+            row.fused_steps += int(was_fused)
             if row.first_token is None:
                 row.first_token = time.perf_counter()
             finish = None
@@ -135,17 +150,14 @@ class Engine:
             else:
                 keep_slots.append(slot)
                 texts.append(row.text)
-        for lane in self.lanes:
-            pending = self._timed("resync", lane.sync, keep_slots, texts)
-            if keep_slots:
-                self._timed(f"forward:{lane.member.name}", lane.forward, keep_slots, pending)
-        return finished
+        return finished, keep_slots, texts
 
     def _result(self, slot: int, row: Row, finish: str) -> Result:
         counts = {}
-        for lane in self.lanes:
-            prompt_len = len(lane.encode([lane.prefix[slot]])[0])
-            counts[lane.member.name] = len(lane.encode([lane.prefix[slot] + row.text])[0]) - prompt_len
+        for m in self.members:  # the completion's length in each member's own tokens
+            prefix = m.render(row.request.prompt)
+            full, head = m.tokenizer([prefix + row.text, prefix])["input_ids"]
+            counts[m.name] = len(full) - len(head)
         return Result(row.request, row.text, row.ids, finish, counts, row.fused_steps,
                       row.first_token - row.admitted)
 

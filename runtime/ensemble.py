@@ -51,13 +51,16 @@ def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | 
 
 
 def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | None = None,
-                  progress: bool = True, log=print) -> Path:
+                  progress: bool = True, log=print, build: bool = True) -> Path:
     """The cache entry for this ensemble's anchors and transfers, built if missing."""
     root = (home or deepen_home()) / "anchors"
     prints = [m.fingerprint for m in members]
     entry = cached_entry(prints, config.anchors.max_anchors, root)
     if entry is not None:
         return entry
+    if not build:
+        raise FileNotFoundError(f"no anchors for this member set in {root}: run "
+                                f"`deepen anchors build {config.path or 'CONFIG'}` first")
     log("building anchors and relative transfers (once per member set)")
     loaders = [lambda m=m: load_input_embedding(m.path, m.config) for m in members]
     return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
@@ -65,11 +68,12 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
 
 
 def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,
-               adapt_weights: dict[str, float] | None = None) -> Fuser:
+               adapt_weights: dict[str, float] | None = None, only: int | None = None) -> Fuser:
+    """`only`: load just that member's transfer (a leader in the distributed runtime)."""
     mode = mode or config.mode
-    transfers = load_transfers(entry, config.anchors.row_cache)
+    transfers = load_transfers(entry, config.anchors.row_cache, only)
     if mode == "exact":
-        transfers = exact_transfers(transfers)
+        transfers = [t if t is None else exact_transfers([t])[0] for t in transfers]
     return Fuser(transfers, config.member_weights(adapt_weights),
                  SearchSettings(eta=config.eta, steps=config.steps), mode,
                  FastSettings(config.anchors.mass_epsilon, config.anchors.max_support),

@@ -76,44 +76,61 @@ class Fuser:
         self.eos_token_id = eos_token_id
         self.seconds: dict[str, float] = defaultdict(float)  # relative transform, search
 
-    def relative(self, member_logits: list[torch.Tensor]):
+    def member_relative(self, i: int, logits: torch.Tensor):
+        """Member i's relative vectors (B x |A|) and the probability mass fast mode neglected
+        (None in exact mode). In the distributed runtime this runs on member i's leader."""
         if self.mode == "exact":
-            rs = [relative_exact(l, t) for l, t in zip(member_logits, self.transfers)]
-            return aggregate(rs, self.weights), {}
-        rs, neglected = [], []
-        for logits, transfer in zip(member_logits, self.transfers):
-            r, lost = relative_fast(logits, transfer, self.fast.mass_epsilon, self.fast.max_support)
-            rs.append(r)
-            neglected.append(lost.tolist())
-        return aggregate(rs, self.weights), {"neglected_mass": neglected}
+            return relative_exact(logits, self.transfers[i]), None
+        return relative_fast(logits, self.transfers[i], self.fast.mass_epsilon, self.fast.max_support)
+
+    def relative(self, member_logits: list[torch.Tensor]):
+        """Aggregated relative vectors of all members (one process)."""
+        parts = [self.member_relative(i, l) for i, l in enumerate(member_logits)]
+        stats = {} if self.mode == "exact" else {"neglected_mass": [lost.tolist() for _, lost in parts]}
+        return aggregate([r for r, _ in parts], self.weights), stats
+
+    def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        """The fusion rules: not when eta is 0, not where the main model's own argmax is EOS,
+        not where the caller says so (a stop string was just completed)."""
+        main_argmax = main_logits.argmax(-1)
+        fuse = torch.ones_like(main_argmax, dtype=torch.bool) if skip is None else ~skip
+        if self.search.eta == 0:
+            fuse[:] = False
+        if self.eos_token_id is not None:
+            fuse &= main_argmax != self.eos_token_id
+        return fuse
 
     def step(self, member_logits: list[torch.Tensor], skip: torch.Tensor | None = None) -> StepResult:
         """member_logits[i]: (B, |V_i|) last-position logits of member i. `skip` marks rows whose
         step must not be fused (e.g. a stop string was just completed)."""
-        main = member_logits[0].float()
-        tokens = main.argmax(-1)
-        fuse = torch.ones_like(tokens, dtype=torch.bool) if skip is None else ~skip
-        if self.search.eta == 0:
-            fuse[:] = False
-        if self.eos_token_id is not None:
-            fuse &= tokens != self.eos_token_id
+        fuse = self.rows_to_fuse(member_logits[0], skip)
         if not fuse.any():
-            return StepResult(tokens, fuse, None, main if self.mode == "exact" else None)
+            return self.decide(member_logits[0], None, fuse)
         rows = fuse.nonzero(as_tuple=True)[0]
         t0 = time.perf_counter()
         r, stats = self.relative([l[rows] for l in member_logits])
-        t1 = time.perf_counter()
-        self.seconds["relative"] += t1 - t0
+        self.seconds["relative"] += time.perf_counter() - t0
+        return self.decide(member_logits[0], r, fuse, stats)
+
+    def decide(self, main_logits: torch.Tensor, r: torch.Tensor | None, fuse: torch.Tensor,
+               stats: dict | None = None) -> StepResult:
+        """The inverse search on the main model for the rows in `fuse` (r: their aggregated
+        relative vectors, in row order); every other row takes the main model's own argmax."""
+        main = main_logits.float()
+        tokens = main.argmax(-1)
+        stats = stats or {}
+        if r is None:
+            return StepResult(tokens, fuse, None, main if self.mode == "exact" else None, stats)
+        rows = fuse.nonzero(as_tuple=True)[0]
+        t0 = time.perf_counter()
         if self.mode == "exact":
             final = main.clone()
             final[rows] = search_exact(main[rows], r, self.transfers[0], self.search)
-            self.seconds["search"] += time.perf_counter() - t1
-            tokens = final.argmax(-1)
-            return StepResult(tokens, fuse, r, final, stats)
+            self.seconds["search"] += time.perf_counter() - t0
+            return StepResult(final.argmax(-1), fuse, r, final, stats)
         chosen, search_stats = search_fast(main[rows], r, self.transfers[0], self.search,
                                            self.fast.mass_epsilon, self.fast.max_support)
-        self.seconds["search"] += time.perf_counter() - t1
-        tokens = tokens.clone()
+        self.seconds["search"] += time.perf_counter() - t0
         tokens[rows] = chosen
         stats.update(search_stats)
         return StepResult(tokens, fuse, r, None, stats)

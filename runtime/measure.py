@@ -12,47 +12,59 @@ from .reference import reference_decode
 
 
 class ComparingFuser:
-    """Decides with `exact`; at every fused step also runs `fast` on the same logits and records
-    whether it chose the same tokens, and what fast mode neglected."""
+    """Decides with `exact`; at every fused step also runs each fast fuser on the same logits and
+    records whether it chose the same tokens, how long it took and what it neglected."""
 
-    def __init__(self, exact, fast):
+    def __init__(self, exact, fast: dict):
         self.exact, self.fast = exact, fast
-        self.seen = {"steps": 0, "agree": 0, "skipped": 0, "max_neglected_mass": 0.0,
-                     "max_search_tail_mass": 0.0, "capped": 0, "max_support": 0, "disagreements": []}
+        self.seen = {name: {"steps": 0, "agree": 0, "seconds": 0.0, "max_neglected_mass": 0.0,
+                            "max_search_tail_mass": 0.0, "capped": 0, "max_support": 0,
+                            "disagreements": []} for name in fast}
+        self.skipped = 0
 
     def step(self, logits, skip=None):
         result = self.exact.step(logits, skip)
-        seen = self.seen
-        seen["skipped"] += int((~result.fused).sum())
+        self.skipped += int((~result.fused).sum())
         if not result.fused.any():
             return result
-        fast = self.fast.step(logits, ~result.fused)
-        for i in result.fused.nonzero(as_tuple=True)[0].tolist():
-            seen["steps"] += 1
-            same = int(fast.tokens[i]) == int(result.tokens[i])
-            seen["agree"] += same
-            if not same:
-                seen["disagreements"].append({"exact": int(result.tokens[i]), "fast": int(fast.tokens[i])})
-        s = fast.stats
-        seen["max_neglected_mass"] = max([seen["max_neglected_mass"]] +
-                                         [x for member in s["neglected_mass"] for x in member])
-        seen["max_search_tail_mass"] = max([seen["max_search_tail_mass"]] + s["tail_mass"])
-        seen["capped"] += sum(s["capped"])
-        seen["max_support"] = max([seen["max_support"]] + s["support"])
+        fused_rows = result.fused.nonzero(as_tuple=True)[0].tolist()
+        for name, fuser in self.fast.items():
+            seen = self.seen[name]
+            t0 = time.perf_counter()
+            fast = fuser.step(logits, ~result.fused)
+            seen["seconds"] += time.perf_counter() - t0
+            for i in fused_rows:
+                seen["steps"] += 1
+                same = int(fast.tokens[i]) == int(result.tokens[i])
+                seen["agree"] += same
+                if not same:
+                    seen["disagreements"].append({"exact": int(result.tokens[i]), "fast": int(fast.tokens[i])})
+            s = fast.stats
+            seen["max_neglected_mass"] = max([seen["max_neglected_mass"]] +
+                                             [x for member in s["neglected_mass"] for x in member])
+            seen["max_search_tail_mass"] = max([seen["max_search_tail_mass"]] + s["tail_mass"])
+            seen["capped"] += sum(s["capped"])
+            seen["max_support"] = max([seen["max_support"]] + s["support"])
         return result
 
 
-def agreement(members, exact_fuser, fast_fuser, prompts: list[str], new_tokens: int,
+def agreement(members, exact_fuser, fast_fusers, prompts: list[str], new_tokens: int,
               batch: int = 32, progress=None) -> dict:
     """Decode with exact mode through the engine (equal to the authors' loop, tested); at every
-    fused step also run fast mode on the same logits and compare the chosen tokens."""
-    fuser = ComparingFuser(exact_fuser, fast_fuser)
+    fused step also run each fast fuser ({name: Fuser}) on the same logits and compare tokens."""
+    if not isinstance(fast_fusers, dict):
+        fast_fusers = {"fast": fast_fusers}
+    fuser = ComparingFuser(exact_fuser, fast_fusers)
     engine = Engine(members, fuser, max_batch=batch)
     engine.run([Request(i, p, new_tokens) for i, p in enumerate(prompts)],
                on_result=(lambda r: progress(1)) if progress else None)
-    seen = fuser.seen
-    seen["agreement"] = seen["agree"] / max(seen["steps"], 1)
-    return seen
+    for seen in fuser.seen.values():
+        seen["agreement"] = seen["agree"] / max(seen["steps"], 1)
+        seen["seconds_per_step"] = seen["seconds"] / max(engine.steps, 1)
+    out = dict(fuser.seen)
+    out["skipped_rows"] = fuser.skipped
+    out["exact_seconds_per_step"] = fuser.exact.seconds["search"] / max(engine.steps, 1)
+    return out if len(fast_fusers) > 1 else {**out["fast"], "skipped_rows": fuser.skipped}
 
 
 def equality(members, fuser, prompts: list[str], new_tokens: int, batch: int = 8) -> dict:

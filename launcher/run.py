@@ -1,0 +1,129 @@
+"""Entry point for the distributed runtime: every rank runs this file.
+
+    deepspeed --num_accelerators 2 launcher/run.py --config C --input I --output O [--resume]
+    deepspeed --hostfile hostfiles/a100x16 launcher/run.py --config C --input I --output O
+    torchrun --nproc_per_node 2 launcher/run.py --config C --input I --output O
+
+The config's members' tp_size values must add up to the world size (main member first).
+Rank 0 alone reads --input and writes --output. Any rank that fails stops the job: it prints
+one line naming its rank and member and exits non-zero; the others see their next collective
+fail (or time out after --timeout seconds) and do the same.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by the launchers
+
+
+def _die(who: str, error: BaseException | str, code: int = 1):
+    sys.stderr.write(f"deepen: {who}: {error}\n")
+    sys.stderr.flush()
+    os._exit(code)  # never hang in atexit handlers or collectives
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--resume", is_flag=True, help="skip ids already in --output")
+@click.option("--overwrite", is_flag=True, help="replace an existing --output")
+@click.option("--skip-bad", is_flag=True, help="skip malformed input lines instead of stopping")
+@click.option("--batch", default=8, show_default=True, help="rows in flight")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--stop", multiple=True, help="default stop string(s), e.g. --stop '\\n'")
+@click.option("--timeout", default=120.0, show_default=True,
+              help="seconds a collective may wait before the job is declared stalled")
+@click.option("--threads", type=int, help="torch threads per rank (default: cores / local ranks)")
+@click.option("--stats", type=click.Path(dir_okay=False), help="rank 0 writes per-step timings here (JSON)")
+@click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
+def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
+         stop, timeout, threads, stats, local_rank):
+    """Run `deepen generate` across ranks: each member in its own tensor-parallel group."""
+    import json
+
+    import torch
+
+    from runtime.config import ConfigError, load_config
+    from runtime.distributed import DistributedEngine, broadcast_message, init_world, layout_for, shard_member
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.jobs import ResultWriter, finished_ids, read_requests
+    from runtime.members import load_model
+
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))))
+    who = f"rank {rank}"
+    try:
+        cfg = load_config(config_path)
+        layout = layout_for(cfg)
+        who = layout.describe(rank) if rank < layout.world_size else who
+    except (ConfigError, ValueError) as e:
+        _die(who, e, 2)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+
+    try:
+        world = init_world(layout, timeout)
+        who = world.describe
+        # rank 0 checks the input before anyone loads a model; everybody learns the verdict
+        verdict = None
+        if world.rank == 0:
+            try:
+                stop_strings = tuple(s.encode().decode("unicode_escape") for s in stop)
+                requests = read_requests(input_path, max_new_tokens, stop_strings, skip_bad,
+                                         warn=lambda m: print(m, file=sys.stderr))
+                if Path(output_path).exists() and not (resume or overwrite):
+                    raise ValueError(f"{output_path} exists: pass --resume to finish it, "
+                                     "or --overwrite to replace it")
+                done = finished_ids(output_path) if resume else set()
+                requests = [r for r in requests if r.id not in done]
+                verdict = {"error": None}
+            except (ValueError, OSError) as e:
+                verdict = {"error": str(e)}
+        verdict = broadcast_message(verdict)
+        if verdict["error"]:
+            _die("error", verdict["error"], 2)
+
+        members = load_members(cfg, with_models=False, log=lambda m: None)
+        mine = members[world.member]
+        model = load_model(mine.path, mine.config)
+        mine.model = shard_member(model, world, getattr(torch, mine.config.dtype))
+        entry = anchors_entry(cfg, members, build=False)
+        fuser = make_fuser(cfg, members, entry, only=world.member if world.is_leader else -1)
+        engine = DistributedEngine(members, fuser, world, batch)
+
+        writer = ResultWriter(output_path, append=resume) if world.rank == 0 else None
+        t0 = time.perf_counter()
+        tokens = 0
+
+        def on_result(result):
+            nonlocal tokens
+            writer.write(result.record())
+            tokens += len(result.ids)
+
+        engine.run(requests if world.rank == 0 else None, on_result)
+        seconds = time.perf_counter() - t0
+        if world.rank == 0:
+            writer.close()
+            print(f"{writer.count} results -> {output_path}; {tokens} tokens in {seconds:.1f} s "
+                  f"({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+            if stats:
+                Path(stats).write_text(json.dumps({
+                    "seconds": seconds, "tokens": tokens, "steps": engine.steps,
+                    "breakdown_s": engine.breakdown(),
+                    "gathered_bytes_per_row_step": engine.gathered_bytes / max(engine.row_steps, 1),
+                    "world_size": layout.world_size}, indent=1))
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except KeyboardInterrupt:
+        _die(who, "interrupted; rerun with --resume to finish", 130)
+    except Exception as e:  # noqa: BLE001 - any failure must stop this rank loudly, not hang
+        _die(who, f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    main()
