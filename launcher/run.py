@@ -12,6 +12,7 @@ fail (or time out after --timeout seconds) and do the same.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,10 +22,30 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by the launchers
 
 
+def dist_errors() -> tuple:
+    import torch.distributed as dist
+    return tuple(e for e in (getattr(dist, "DistBackendError", None), getattr(dist, "DistError", None)) if e)
+
+
+_dying = []
+
+
 def _die(who: str, error: BaseException | str, code: int = 1):
     sys.stderr.write(f"deepen: {who}: {error}\n")
     sys.stderr.flush()
     os._exit(code)  # never hang in atexit handlers or collectives
+
+
+def _fail_job(world, heartbeat, what: str):
+    """Another rank failed: name it (from the heartbeats), then exit. Rank 0 hosts the store the
+    others read, so it leaves last."""
+    if _dying:
+        return
+    _dying.append(what)
+    why = heartbeat.identify()
+    if world.rank == 0:
+        time.sleep(3.0)
+    _die(world.describe, f"{what} -- {why}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +71,8 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
     import torch
 
     from runtime.config import ConfigError, load_config
-    from runtime.distributed import DistributedEngine, broadcast_message, init_world, layout_for, shard_member
+    from runtime.distributed import (DistributedEngine, Heartbeat, broadcast_message, init_world, layout_for,
+                                     shard_member)
     from runtime.ensemble import anchors_entry, load_members, make_fuser
     from runtime.jobs import ResultWriter, finished_ids, read_requests
     from runtime.members import load_model
@@ -66,9 +88,15 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
 
+    heartbeat = None
     try:
         world = init_world(layout, timeout)
         who = world.describe
+        heartbeat = Heartbeat(world, on_dead=lambda why: _die(world.describe, f"stopping: {why}"))
+        # the deepspeed launcher and torchrun stop the other ranks with SIGTERM when one fails:
+        # say who we are and who went silent before going
+        signal.signal(signal.SIGTERM, lambda *_: _fail_job(
+            world, heartbeat, "stopped by the launcher (a rank failed, or the job was cancelled)"))
         # rank 0 checks the input before anyone loads a model; everybody learns the verdict
         verdict = None
         if world.rank == 0:
@@ -122,6 +150,8 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
     except KeyboardInterrupt:
         _die(who, "interrupted; rerun with --resume to finish", 130)
     except Exception as e:  # noqa: BLE001 - any failure must stop this rank loudly, not hang
+        if heartbeat is not None and isinstance(e, (RuntimeError, dist_errors())):
+            _fail_job(world, heartbeat, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         _die(who, f"{type(e).__name__}: {e}")
 
 

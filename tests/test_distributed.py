@@ -1,0 +1,141 @@
+"""The distributed runtime under the real `deepspeed` launcher, on CPU (gloo), tiny members."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+PAIR = """[ensemble]
+main = "tiny-sp"
+eta = 0.3
+mode = "exact"
+[[members]]
+name = "tiny-sp"
+source = "tiny:tiny-sp"
+[[members]]
+name = "tiny-bpe"
+source = "tiny:tiny-bpe"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    pair = home / "pair.toml"
+    pair.write_text(PAIR)
+    for config in ("configs/tiny.toml", "configs/tiny-tp.toml", str(pair)):
+        subprocess.run([sys.executable, "-m", "launcher.cli", "anchors", "build", config], cwd=ROOT,
+                       env={**os.environ, "DEEPEN_HOME": str(home)}, check=True, capture_output=True)
+    return home
+
+
+def env(home):
+    return {**os.environ, "DEEPEN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+def launch(home, ranks, *args):
+    return subprocess.Popen([DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
+                             *args], cwd=ROOT, env=env(home), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def prompts(path: Path, n: int, tokens: int = 8):
+    words = ["the cat", "a dog", "my friend", "the model", "café", "日本", "code", "this system"]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": i, "prompt": f"{words[i % 8]} {words[(i * 5) % 8]} reads",
+                                "max_new_tokens": tokens + i % 5}) + "\n")
+
+
+def records(path: Path) -> dict:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_each_member_sharded_on_its_own_group_matches_unsharded(home, tmp_path):
+    proc = launch(home, 4, "tests/helpers/tp_parity.py", str(tmp_path))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["member"] for r in reports] == ["tiny-sp", "tiny-sp", "tiny-bpe", "tiny-bpe"]
+    for r in reports:
+        assert r["max_abs_diff"] < 1e-5, r
+        assert r["sharded_params"] < r["full_params"]  # really sharded
+
+
+@pytest.mark.parametrize("ranks,config", [(2, "pair"), (3, "configs/tiny.toml"), (4, "configs/tiny-tp.toml")])
+def test_launcher_gives_the_single_process_completions(home, tmp_path, ranks, config):
+    config = str(home / "pair.toml") if config == "pair" else config
+    inp = tmp_path / "in.jsonl"
+    prompts(inp, 7)
+    single = tmp_path / "single.jsonl"
+    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
+                    "--output", str(single), "--batch", "3"], cwd=ROOT, env=env(home), check=True,
+                   capture_output=True)
+    multi = tmp_path / "multi.jsonl"
+    stats = tmp_path / "stats.json"
+    proc = launch(home, ranks, "launcher/run.py", "--config", config, "--input", str(inp),
+                  "--output", str(multi), "--batch", "3", "--stats", str(stats))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert records(multi) == records(single)
+    assert json.loads(stats.read_text())["world_size"] == ranks
+
+
+def test_wrong_world_size_is_a_clear_error(home, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    prompts(inp, 1)
+    proc = launch(home, 2, "launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp),
+                  "--output", str(tmp_path / "o.jsonl"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "the world has 2 ranks but the config needs 3" in out
+
+
+def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    prompts(inp, 30, tokens=14)
+    want = tmp_path / "want.jsonl"
+    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", "configs/tiny.toml",
+                    "--input", str(inp), "--output", str(want), "--batch", "2"], cwd=ROOT, env=env(home),
+                   check=True, capture_output=True)
+    out_path = tmp_path / "out.jsonl"
+    args = ["launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp), "--output",
+            str(out_path), "--batch", "2"]
+    proc = launch(home, 3, *args)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out_path.exists() or len(out_path.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if any(a == "--local_rank=1" for a in p.cmdline())]
+    assert victims, "rank 1 not found"
+    killed_at = time.time()
+    victims[0].send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert time.time() - killed_at < 60
+    assert proc.returncode != 0
+    assert "deepen: rank 0 (member 'tiny-sp', leader)" in out, out[-3000:]
+    assert "rank 1 (member 'tiny-bpe', leader)" in out  # the survivors name the dead rank
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                   for p in psutil.Process().children(recursive=True) if "launcher/run.py" in " ".join(p.cmdline()))
+    done = len(out_path.read_text().splitlines())
+    assert 4 <= done < 30
+    proc = launch(home, 3, *args, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    lines = out_path.read_text().splitlines()
+    assert len(lines) == 30 and len({json.loads(l)["id"] for l in lines}) == 30
+    assert records(out_path) == records(want)
