@@ -237,8 +237,10 @@ def measure():
 @click.option("--setting", "settings", multiple=True,
               help="fast-mode settings to compare, MASS_EPSILON:MAX_SUPPORT (repeatable; default: the config's)")
 @click.option("--batch", default=32, show_default=True)
+@click.option("--capture", type=click.Path(file_okay=False),
+              help="save every step's logits and exact tokens here (for `deepen measure replay`)")
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, output):
+def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capture, output):
     """Fast vs exact mode: decode with exact mode (no stop string) and run fast mode on the same
     logits at every fused step; report token agreement and the largest neglected mass."""
     import dataclasses
@@ -258,10 +260,32 @@ def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, outp
     prompts = qa_prompts(task, "dev", n_prompts)
     t0 = time.perf_counter()
     with tqdm(total=len(prompts), desc="prompts", unit="prompt") as bar:
-        result = agreement(members, exact, fast, prompts, new_tokens, batch, progress=bar.update)
+        result = agreement(members, exact, fast, prompts, new_tokens, batch, progress=bar.update,
+                           capture=capture)
     result.update({"config": config, "task": task, "prompts": len(prompts), "new_tokens": new_tokens,
                    "anchors": exact.transfers[0].num_anchors, "batch": batch, "seconds": round(time.perf_counter() - t0, 1)})
     _report(result, output)
+
+
+@measure.command("replay")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--capture", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--setting", "settings", multiple=True, help="MASS_EPSILON:MAX_SUPPORT (repeatable)")
+@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
+def measure_replay(config, capture, settings, output):
+    """Fast-mode agreement on the steps an exact run captured (`measure agreement --capture`)."""
+    import dataclasses
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.measure import replay
+    cfg = load_config(config)
+    members = load_members(cfg, with_models=False)
+    entry = anchors_entry(cfg, members, build=False)
+    fast = {}
+    for setting in settings or [f"{cfg.anchors.mass_epsilon}:{cfg.anchors.max_support}"]:
+        eps, _, k = setting.partition(":")
+        anchors = dataclasses.replace(cfg.anchors, mass_epsilon=float(eps), max_support=int(k))
+        fast[setting] = make_fuser(dataclasses.replace(cfg, anchors=anchors), members, entry, "fast")
+    _report({"config": config, "capture": capture, "results": replay(capture, fast)}, output)
 
 
 @measure.command("equality")

@@ -25,7 +25,7 @@ from .vocab import anchor_digest, find_anchors, token_bytes
 
 def cache_key(fingerprints: list[str], max_anchors: int, temperature: float = TEMPERATURE) -> str:
     body = json.dumps({"members": fingerprints, "max_anchors": max_anchors,
-                       "temperature": temperature, "format": 1})
+                       "temperature": temperature, "format": 2})
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -37,7 +37,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path):
     """Write a safetensors file straight from the tensors' memory (safetensors' own save_file
     first copies everything into one bytes object: +1 GB of peak memory for Gemma-3)."""
-    names = {torch.float32: "F32", torch.int64: "I64"}
+    names = {torch.float32: "F32", torch.int64: "I64", torch.int32: "I32"}
     header, offset = {}, 0
     for key, t in tensors.items():
         size = t.numel() * t.element_size()
@@ -107,7 +107,7 @@ def load_transfers(entry: Path, cache_rows: int = 512, only: int | None = None) 
         state = load_file(str(entry / f"member{i}.safetensors"))
         transfers.append(LowRankTransfer(state["unit_emb"], state["anchor_ids"], state["inv_norm"],
                                          state["log_z"], state["mean_row"], info["temperature"],
-                                         cache_rows))
+                                         cache_rows, state["cluster_of"], state["cluster_rows"]))
     return transfers
 
 

@@ -19,21 +19,30 @@ def relative_exact(logits: torch.Tensor, transfer) -> torch.Tensor:
     return transfer.left(torch.softmax(logits.float(), dim=-1))
 
 
+def tail_by_cluster(probs: torch.Tensor, top_ids: torch.Tensor, live: torch.Tensor,
+                    cluster_of: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """(B, C): the probability of the tokens outside each row's support, summed per cluster."""
+    mass = torch.zeros(probs.shape[0], n_clusters).index_add_(1, cluster_of, probs)
+    taken = torch.where(live, probs.gather(1, top_ids), torch.zeros(()))
+    return mass.scatter_add_(1, cluster_of[top_ids], -taken).clamp_min_(0)
+
+
 def relative_fast(logits: torch.Tensor, transfer, mass_epsilon: float, max_support: int):
     """r = p @ P over the smallest top-k holding 1 - mass_epsilon of p (at most max_support);
-    the remaining mass times P's mean row. Returns (r, neglected mass per row)."""
-    logits = logits.float()
-    k0 = min(max_support, logits.shape[1])
-    top_logits, top_ids = logits.topk(k0, dim=-1)
-    probs = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))
-    cum = probs.cumsum(-1)
+    the rest of p enters cluster by cluster, each cluster's mass times its mean row of P.
+    Returns (r, neglected mass per row: what was not computed row by row)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    k0 = min(max_support, probs.shape[1])
+    top_probs, top_ids = probs.topk(k0, dim=-1)
+    cum = top_probs.cumsum(-1)
     k = ((cum < 1 - mass_epsilon).sum(-1) + 1).clamp(max=k0)
     live = torch.arange(k0)[None, :] < k[:, None]
     neglected = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
     uniq, inverse = torch.unique(top_ids[live], return_inverse=True)
-    weights = torch.zeros(logits.shape[0], len(uniq))
-    weights[live.nonzero(as_tuple=True)[0], inverse] = probs[live]
-    r = weights @ transfer.rows(uniq) + neglected[:, None] * transfer.mean_row[None, :]
+    weights = torch.zeros(probs.shape[0], len(uniq))
+    weights[live.nonzero(as_tuple=True)[0], inverse] = top_probs[live]
+    tail = tail_by_cluster(probs, top_ids, live, transfer.cluster_of, transfer.cluster_rows.shape[0])
+    r = weights @ transfer.rows(uniq) + tail @ transfer.cluster_rows
     return r, neglected
 
 

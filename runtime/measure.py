@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from .engine import Engine, Request
+from .fusion import StepResult
 from .reference import reference_decode
 
 
@@ -15,8 +17,10 @@ class ComparingFuser:
     """Decides with `exact`; at every fused step also runs each fast fuser on the same logits and
     records whether it chose the same tokens, how long it took and what it neglected."""
 
-    def __init__(self, exact, fast: dict):
+    def __init__(self, exact, fast: dict, capture=None):
         self.exact, self.fast = exact, fast
+        self.capture = capture  # a folder: each step's logits and exact tokens, for `replay`
+        self.steps = 0
         self.seen = {name: {"steps": 0, "agree": 0, "seconds": 0.0, "max_neglected_mass": 0.0,
                             "max_search_tail_mass": 0.0, "capped": 0, "max_support": 0,
                             "disagreements": []} for name in fast}
@@ -25,8 +29,18 @@ class ComparingFuser:
     def step(self, logits, skip=None):
         result = self.exact.step(logits, skip)
         self.skipped += int((~result.fused).sum())
+        if self.capture is not None:
+            from safetensors.torch import save_file
+            tensors = {f"logits.{i}": l.contiguous() for i, l in enumerate(logits)}
+            tensors.update({"tokens": result.tokens, "fused": result.fused.to(torch.uint8)})
+            save_file(tensors, str(Path(self.capture) / f"step{self.steps:05d}.safetensors"))
+        self.steps += 1
+        self.compare(logits, result)
+        return result
+
+    def compare(self, logits, result):
         if not result.fused.any():
-            return result
+            return
         fused_rows = result.fused.nonzero(as_tuple=True)[0].tolist()
         for name, fuser in self.fast.items():
             seen = self.seen[name]
@@ -45,16 +59,17 @@ class ComparingFuser:
             seen["max_search_tail_mass"] = max([seen["max_search_tail_mass"]] + s["tail_mass"])
             seen["capped"] += sum(s["capped"])
             seen["max_support"] = max([seen["max_support"]] + s["support"])
-        return result
 
 
 def agreement(members, exact_fuser, fast_fusers, prompts: list[str], new_tokens: int,
-              batch: int = 32, progress=None) -> dict:
+              batch: int = 32, progress=None, capture=None) -> dict:
     """Decode with exact mode through the engine (equal to the authors' loop, tested); at every
     fused step also run each fast fuser ({name: Fuser}) on the same logits and compare tokens."""
     if not isinstance(fast_fusers, dict):
         fast_fusers = {"fast": fast_fusers}
-    fuser = ComparingFuser(exact_fuser, fast_fusers)
+    if capture is not None:
+        Path(capture).mkdir(parents=True, exist_ok=True)
+    fuser = ComparingFuser(exact_fuser, fast_fusers, capture)
     engine = Engine(members, fuser, max_batch=batch)
     engine.run([Request(i, p, new_tokens) for i, p in enumerate(prompts)],
                on_result=(lambda r: progress(1)) if progress else None)
@@ -64,7 +79,24 @@ def agreement(members, exact_fuser, fast_fusers, prompts: list[str], new_tokens:
     out = dict(fuser.seen)
     out["skipped_rows"] = fuser.skipped
     out["exact_seconds_per_step"] = fuser.exact.seconds["search"] / max(engine.steps, 1)
-    return out if len(fast_fusers) > 1 else {**out["fast"], "skipped_rows": fuser.skipped}
+    if len(fast_fusers) == 1:  # one setting: its figures at the top level
+        out = {**next(iter(fuser.seen.values())), **{k: v for k, v in out.items() if k not in fuser.seen}}
+    return out
+
+
+def replay(capture, fast_fusers: dict) -> dict:
+    """Fast mode on captured steps of an exact run (`measure agreement --capture`): agreement
+    of each setting without re-running the exact search."""
+    from safetensors.torch import load_file
+    fuser = ComparingFuser(None, fast_fusers)
+    for path in sorted(Path(capture).glob("step*.safetensors")):
+        t = load_file(str(path))
+        n = len([k for k in t if k.startswith("logits.")])
+        logits = [t[f"logits.{i}"] for i in range(n)]
+        fuser.compare(logits, StepResult(t["tokens"], t["fused"].bool(), None))
+    for seen in fuser.seen.values():
+        seen["agreement"] = seen["agree"] / max(seen["steps"], 1)
+    return fuser.seen
 
 
 def equality(members, fuser, prompts: list[str], new_tokens: int, batch: int = 8) -> dict:

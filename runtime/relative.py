@@ -47,10 +47,30 @@ def dense_transfer_matrix(emb: torch.Tensor, anchor_ids: torch.Tensor,
     return out
 
 
+def kmeans_clusters(unit: torch.Tensor, clusters: int, iterations: int = 8, seed: int = 0) -> torch.Tensor:
+    """Cluster id of every (unit-norm) row: spherical k-means, deterministic (seeded start)."""
+    n = unit.shape[0]
+    clusters = max(1, min(clusters, n))
+    start = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:clusters]
+    centres = unit[start].clone()
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iterations):
+        for lo in range(0, n, 8192):
+            assign[lo:lo + 8192] = (unit[lo:lo + 8192] @ centres.T).argmax(-1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, unit)
+        empty = sums.norm(dim=-1) == 0
+        centres = torch.where(empty[:, None], centres, F.normalize(sums, dim=-1))
+    return assign
+
+
 class DenseTransfer:
-    def __init__(self, matrix: torch.Tensor):
+    def __init__(self, matrix: torch.Tensor, clusters: torch.Tensor | None = None):
         self.matrix = matrix
         self.mean_row = matrix.mean(0)
+        self.cluster_of = clusters if clusters is not None else torch.zeros(len(matrix), dtype=torch.long)
+        n = int(self.cluster_of.max()) + 1
+        counts = torch.bincount(self.cluster_of, minlength=n).clamp_min(1)
+        self.cluster_rows = torch.zeros(n, matrix.shape[1]).index_add_(0, self.cluster_of, matrix) / counts[:, None]
 
     @property
     def num_tokens(self) -> int:
@@ -75,8 +95,13 @@ class LowRankTransfer:
 
     def __init__(self, unit_emb: torch.Tensor, anchor_ids: torch.Tensor, inv_norm: torch.Tensor,
                  log_z: torch.Tensor, mean_row: torch.Tensor, temperature: float = TEMPERATURE,
-                 cache_rows: int = 512):
+                 cache_rows: int = 512, cluster_of: torch.Tensor | None = None,
+                 cluster_rows: torch.Tensor | None = None):
         self.unit_emb = unit_emb
+        # The vocabulary in clusters of similar embeddings, with each cluster's mean row of P:
+        # what fast mode uses for the rows of the tokens it does not compute (the tail).
+        self.cluster_of = cluster_of if cluster_of is not None else torch.zeros(len(unit_emb), dtype=torch.long)
+        self.cluster_rows = cluster_rows if cluster_rows is not None else mean_row[None, :]
         self.anchor_ids = anchor_ids
         self.anchors_t = unit_emb[anchor_ids].T.contiguous()  # d x |A|, contiguous for matmul speed
         self.inv_norm = inv_norm
@@ -91,8 +116,10 @@ class LowRankTransfer:
 
     @classmethod
     def build(cls, emb: torch.Tensor, anchor_ids: torch.Tensor, temperature: float = TEMPERATURE,
-              cache_rows: int = 512, progress=None, inplace: bool = False) -> "LowRankTransfer":
-        """Sweep P once, chunk by chunk, keeping only the two scalars per token and the mean row.
+              cache_rows: int = 512, progress=None, inplace: bool = False,
+              clusters: int = 256) -> "LowRankTransfer":
+        """Sweep P once, chunk by chunk, keeping the two scalars per token, the mean row, and the
+        mean row of each of `clusters` k-means clusters of the embeddings.
         `inplace` normalises `emb` itself (a caller's own fp32 copy) instead of copying it."""
         if inplace and emb.dtype == torch.float32 and emb.is_contiguous():
             unit = emb.div_(emb.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # = F.normalize
@@ -100,25 +127,32 @@ class LowRankTransfer:
             unit = unit_rows(emb).contiguous()
         anchors_t = unit[anchor_ids].T.contiguous()
         vocab = unit.shape[0]
+        cluster_of = kmeans_clusters(unit, clusters)
+        n_clusters = int(cluster_of.max()) + 1
         inv_norm = torch.empty(vocab)
         log_z = torch.empty(vocab)
-        row_sum = torch.zeros(anchors_t.shape[1], dtype=torch.float64)
+        cluster_sum = torch.zeros(n_clusters, anchors_t.shape[1], dtype=torch.float64)
         for start in range(0, vocab, CHUNK_ROWS):
             cos = unit[start:start + CHUNK_ROWS] @ anchors_t
             inv = 1.0 / cos.norm(dim=-1).clamp_min(1e-12)  # F.normalize's eps
             logits = cos.mul_(inv[:, None] * temperature)
             lz = torch.logsumexp(logits, dim=-1)
-            row_sum += logits.sub_(lz[:, None]).exp_().sum(0).double()  # fp32 within a chunk
+            rows = logits.sub_(lz[:, None]).exp_()
+            cluster_sum.index_add_(0, cluster_of[start:start + len(inv)], rows.double())
             inv_norm[start:start + len(inv)] = inv
             log_z[start:start + len(inv)] = lz
             if progress is not None:
                 progress(len(inv))
-        return cls(unit, anchor_ids, inv_norm, log_z, (row_sum / vocab).float(), temperature,
-                   cache_rows)
+        counts = torch.bincount(cluster_of, minlength=n_clusters).clamp_min(1)
+        mean_row = (cluster_sum.sum(0) / vocab).float()
+        cluster_rows = (cluster_sum / counts[:, None]).float()
+        return cls(unit, anchor_ids, inv_norm, log_z, mean_row, temperature, cache_rows,
+                   cluster_of, cluster_rows)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"unit_emb": self.unit_emb, "anchor_ids": self.anchor_ids,
-                "inv_norm": self.inv_norm, "log_z": self.log_z, "mean_row": self.mean_row}
+                "inv_norm": self.inv_norm, "log_z": self.log_z, "mean_row": self.mean_row,
+                "cluster_of": self.cluster_of, "cluster_rows": self.cluster_rows}
 
     @property
     def num_tokens(self) -> int:
@@ -130,7 +164,7 @@ class LowRankTransfer:
 
     def nbytes(self) -> int:
         tensors = [self.unit_emb, self.anchors_t, self.inv_norm, self.log_z, self.mean_row,
-                   self.anchor_ids]
+                   self.anchor_ids, self.cluster_of, self.cluster_rows]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             self.cache_rows * self.num_anchors * 4
 

@@ -111,6 +111,7 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     `max_support` tokens. stats: support sizes, frozen tail mass, and whether a row's candidate
     set was larger than max_support (then the result may differ from exact mode).
     """
+    from .fusion import tail_by_cluster
     z0 = main_logits.detach().float()
     rows_n = z0.shape[0]
     k0 = min(max_support, z0.shape[1])
@@ -124,22 +125,27 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     k_max = int(k.max())
     live = torch.arange(k_max)[None, :] < k[:, None]
     tail_mass = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
-    tail_logit = torch.where(tail_mass > 0, lse.squeeze(1) + tail_mass.clamp_min(1e-38).log(),
-                             torch.full_like(tail_mass, PAD_LOGIT))
+    # the rest of the vocabulary: frozen, one term per embedding cluster (its probability, at
+    # the cluster's mean row of P)
+    n_clusters = transfer.cluster_rows.shape[0]
+    tail = tail_by_cluster(torch.softmax(z0, dim=-1), top_ids[:, :k_max], live,
+                           transfer.cluster_of, n_clusters)
+    tail_logit = torch.where(tail > 1e-30, lse + tail.clamp_min(1e-30).log(),
+                             torch.full_like(tail, PAD_LOGIT))
 
     ids = top_ids[:, :k_max]
     uniq, inverse = torch.unique(ids[live], return_inverse=True)
     index = torch.zeros(rows_n, k_max, dtype=torch.long)
     index[live] = inverse
-    basis = torch.cat([transfer.rows(uniq), transfer.mean_row[None, :]])  # last row: the tail
-    tail_index = torch.full((rows_n, 1), len(uniq))
+    basis = torch.cat([transfer.rows(uniq), transfer.cluster_rows])  # then the clusters' rows
+    tail_index = len(uniq) + torch.arange(n_clusters).expand(rows_n, -1)
     index = torch.cat([index, tail_index], dim=1)
 
     z = torch.where(live, top_z[:, :k_max], torch.full_like(top_z[:, :k_max], PAD_LOGIT))
     z.requires_grad_(True)
     opt, sched = _optimizer(z, s)
     for _ in range(s.steps):
-        sigma = torch.softmax(torch.cat([z, tail_logit[:, None]], dim=1), dim=-1)
+        sigma = torch.softmax(torch.cat([z, tail_logit], dim=1), dim=-1)
         weights = torch.zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma)
         kl_mean_per_row(r, weights @ basis).backward()
         opt.step()
