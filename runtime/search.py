@@ -137,17 +137,20 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     uniq, inverse = torch.unique(ids[live], return_inverse=True)
     index = torch.zeros(rows_n, k_max, dtype=torch.long)
     index[live] = inverse
-    basis = torch.cat([transfer.rows(uniq), transfer.cluster_rows])  # then the clusters' rows
-    tail_index = len(uniq) + torch.arange(n_clusters).expand(rows_n, -1)
-    index = torch.cat([index, tail_index], dim=1)
+    basis = transfer.rows(uniq)
+    # the frozen tail is one fixed direction per row: its clusters' rows, weighted by their share
+    # of the tail; only its total weight changes as the support's logits move
+    tail_lse = torch.logsumexp(tail_logit, dim=1, keepdim=True)
+    tail_row = torch.softmax(tail_logit, dim=1) @ transfer.cluster_rows
 
     z = torch.where(live, top_z[:, :k_max], torch.full_like(top_z[:, :k_max], PAD_LOGIT))
     z.requires_grad_(True)
     opt, sched = _optimizer(z, s)
     for _ in range(s.steps):
-        sigma = torch.softmax(torch.cat([z, tail_logit], dim=1), dim=-1)
-        weights = torch.zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma)
-        kl_mean_per_row(r, weights @ basis).backward()
+        sigma = torch.softmax(torch.cat([z, tail_lse], dim=1), dim=-1)
+        weights = torch.zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma[:, :-1])
+        q = weights @ basis + sigma[:, -1:] * tail_row
+        kl_mean_per_row(r, q).backward()
         opt.step()
         sched.step()
         opt.zero_grad()
