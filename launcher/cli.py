@@ -131,15 +131,20 @@ def anchors_build(config, as_json):
 @click.option("--stop", multiple=True, help="default stop string(s) per prompt, e.g. --stop '\\n'")
 @click.option("--mode", type=click.Choice(["fast", "exact"]), help="override the config's fusion mode")
 @click.option("--eta", type=float, help="override the config's eta")
+@click.option("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
 def generate(config, input_path, output_path, resume, overwrite, skip_bad, method, member, batch,
-             max_new_tokens, stop, mode, eta):
+             max_new_tokens, stop, mode, eta, threads):
     """Decode every prompt of --input with the ensemble (or one member alone) into --output."""
     import dataclasses
+
+    import torch
     from tqdm import tqdm
     from runtime.engine import Engine
     from runtime.ensemble import anchors_entry, load_members, make_fuser, single_fuser
     from runtime.jobs import ResultWriter, finished_ids, read_requests
     cfg = load_config(config)
+    if threads:
+        torch.set_num_threads(threads)
     if eta is not None:
         cfg = dataclasses.replace(cfg, eta=eta)
     stop = tuple(s.encode().decode("unicode_escape") for s in stop)
