@@ -139,12 +139,18 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
             writer.close()
             print(f"{writer.count} results -> {output_path}; {tokens} tokens in {seconds:.1f} s "
                   f"({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
-            if stats:
-                Path(stats).write_text(json.dumps({
-                    "seconds": seconds, "tokens": tokens, "steps": engine.steps,
-                    "breakdown_s": engine.breakdown(),
-                    "gathered_bytes_per_row_step": engine.gathered_bytes / max(engine.row_steps, 1),
-                    "world_size": layout.world_size}, indent=1))
+        if stats:  # rank 0 at the path given, rank r beside it with a suffix
+            import resource
+            breakdown = engine.breakdown()
+            comm = sum(breakdown.get(k, 0.0) for k in ("gather", "broadcast", "control"))
+            path = Path(stats) if world.rank == 0 else Path(f"{stats}.rank{world.rank}")
+            path.write_text(json.dumps({
+                "rank": world.rank, "member": layout.names[world.member], "world_size": layout.world_size,
+                "seconds": seconds, "tokens": tokens, "steps": engine.steps,
+                "tokens_per_s": tokens / max(seconds, 1e-9) if world.rank == 0 else None,
+                "breakdown_s": breakdown, "communication_share": comm / max(seconds, 1e-9),
+                "gathered_bytes_per_row_step": engine.gathered_bytes / max(engine.row_steps, 1),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, indent=1))
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except KeyboardInterrupt:

@@ -188,6 +188,11 @@ class DistributedEngine(Engine):
         self.gathered_bytes = 0       # relative vectors gathered to each leader, summed over steps
         self.row_steps = 0            # rows x steps
 
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per part on this rank: forward/prefill of its member, resync, control, and on
+        leaders relative, gather, (main) search, broadcast."""
+        return dict(self.seconds)
+
     def admit_from(self, waiting: list[Request] | None) -> bool:
         """Rank 0 decides admissions and broadcasts them. Returns False when the job is over."""
         if self.world.rank == 0:
