@@ -151,6 +151,7 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
                 "breakdown_s": breakdown, "communication_share": comm / max(seconds, 1e-9),
                 "gathered_bytes_per_row_step": engine.gathered_bytes / max(engine.row_steps, 1),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, indent=1))
+        heartbeat.close()  # before the store's host (rank 0) may leave
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except KeyboardInterrupt:

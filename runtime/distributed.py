@@ -294,10 +294,14 @@ class Heartbeat:
                 dead = self.quiet(self.stale)
             except Exception:  # the store's host, rank 0, is gone
                 dead = f"{self.world.layout.describe(0)} is unreachable (it hosts the job's store)"
-            if dead and self.on_dead is not None:
+            if dead and self.on_dead is not None and not self.stop.is_set():
                 self.on_dead(dead)
                 return
             self.stop.wait(self.every)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=5 * self.every + 1)
 
     def quiet(self, stale: float) -> str:
         with self.lock:
