@@ -199,7 +199,8 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
               help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
 @click.option("--repeat", default=3, show_default=True, help="repetitions after a warm-up")
 @click.option("--compare", default="members,reference", show_default=True,
-              help="comma-separated: members (each alone, same engine), reference (authors' loop)")
+              help="comma-separated: members (each alone, same engine), reference (authors' loop), "
+                   "exact (exact vs fast fusion, where exact mode's matrices fit in memory)")
 @click.option("--reference-prompts", default=2, show_default=True)
 @click.option("--reference-tokens", default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the JSON here")
@@ -216,9 +217,17 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
     members = load_members(cfg, log=lambda m: click.echo(m, err=True))
     fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
     prompts = [r.prompt for r in read_requests(prompts_path)] if prompts_path else qa_prompts("triviaqa", "dev", 32)
+    exact = None
+    if "exact" in compare:
+        from runtime.anchors import dense_budget
+        if all(t.num_tokens * t.num_anchors * 4 <= dense_budget() for t in fuser.transfers):
+            exact = make_fuser(cfg, members, anchors_entry(cfg, members), "exact")
+        else:
+            click.echo("exact vs fast: skipped, exact mode's matrices do not fit DEEPEN_DENSE_MAX_GB "
+                       "(use a config with fewer anchors, e.g. configs/smol-gemma-8k.toml)", err=True)
     result = bench(members, fuser, prompts, [int(b) for b in batch.split(",")], new_tokens, repeat,
                    tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
-                   log=lambda m: click.echo(m, err=True))
+                   log=lambda m: click.echo(m, err=True), exact_fuser=exact)
     result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1)})
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")

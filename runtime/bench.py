@@ -42,7 +42,7 @@ def run_reference(members, fuser, prompts: list[str], new_tokens: int) -> dict:
 
 def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: int, repeat: int,
           compare: tuple[str, ...] = ("members", "reference"), reference_prompts: int = 2,
-          reference_tokens: int = 8, log=print) -> dict:
+          reference_tokens: int = 8, log=print, exact_fuser=None) -> dict:
     """Each batch size B decodes B prompts (all in flight at once) for `new_tokens` tokens."""
     log("warm-up")
     run_engine(members, fuser, prompts[:2], 2, 2)
@@ -66,6 +66,16 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
             solo_sum = sum(v["step_s"]["median"] for v in row["members"].values())
             row["ensemble_step_over_sum_of_solo_steps"] = row["ensemble"]["step_s"]["median"] / solo_sum
         out["batches"].append(row)
+    if "exact" in compare and exact_fuser is not None:
+        runs = {"fast": [], "exact": []}
+        chosen = prompts[:reference_prompts]
+        for r in range(repeat):
+            for name, f in (("fast", fuser), ("exact", exact_fuser)):
+                log(f"{name} fusion {r + 1}/{repeat} ({len(chosen)} prompts x {reference_tokens} tokens)")
+                runs[name].append(run_engine(members, f, chosen, len(chosen), reference_tokens))
+        out["exact_vs_fast"] = {name: _summary(v) for name, v in runs.items()}
+        out["exact_vs_fast"]["fast_speedup"] = (out["exact_vs_fast"]["exact"]["step_s"]["median"] /
+                                                out["exact_vs_fast"]["fast"]["step_s"]["median"])
     if "reference" in compare:
         ref = []
         for r in range(repeat):
@@ -105,6 +115,10 @@ def table(result: dict) -> str:
                      f"{row.get('ensemble_step_over_sum_of_solo_steps', float('nan')):.2f} | "
                      f"{row['ensemble']['outside_forward_share']:.1%} | "
                      f"{row.get('speedup_vs_reference', float('nan')):.1f}x |")
+    if "exact_vs_fast" in result:
+        e = result["exact_vs_fast"]
+        lines.append(f"\nexact vs fast fusion (same engine): {e['exact']['step_s']['median']:.2f} s vs "
+                     f"{e['fast']['step_s']['median']:.3f} s per step ({e['fast_speedup']:.0f}x)")
     if "reference" in result:
         r = result["reference"]
         lines.append(f"\nreference loop ({r['prompts']} prompts x {r['new_tokens']} tokens): "
