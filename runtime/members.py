@@ -96,6 +96,8 @@ def convert_gguf(gguf: Path, out_dir: Path, source: str) -> Path:
     if missing or unexpected:
         raise MemberError(f"converting {gguf.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.generation_config = loaded.generation_config
+    if hasattr(model.config, "quantization_config"):  # the weights are de-quantised floats now
+        del model.config.quantization_config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     model.save_pretrained(tmp, safe_serialization=True)
@@ -227,4 +229,18 @@ def load_model(model_dir: Path, member: MemberConfig):
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=getattr(torch, member.dtype),
         use_safetensors=not member.allow_pickle, trust_remote_code=member.trust_remote_code)
+    _forget_gguf_quantization(model)
     return model.eval()
+
+
+def _forget_gguf_quantization(model):
+    """A model converted from GGUF may still carry the GGUF `quantization_config` in its config
+    although its weights are plain floats; transformers then refuses .float()/.half(), which
+    DeepSpeed-Inference calls. Drop it (our own conversions no longer write it)."""
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del model.config.quantization_config
+        model.is_quantized = False
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
