@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,7 @@ def learning_rates(s: SearchSettings) -> list[float]:
     return rates
 
 
+@lru_cache(maxsize=32)  # once per settings, not once per decoding step
 def candidate_margin(s: SearchSettings) -> float:
     """How far below the top logit a token can start and still be the argmax after the search.
 
