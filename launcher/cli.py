@@ -12,7 +12,7 @@ import click
 from runtime.config import ConfigError, load_config
 from runtime.members import MemberError, deepen_home
 
-EXPECTED = (ConfigError, MemberError, FileNotFoundError, ValueError)  # InputError is a ValueError
+EXPECTED = (ConfigError, MemberError, FileNotFoundError, FileExistsError, ValueError)  # InputError is a ValueError
 
 
 def peak_rss_mb() -> float:
@@ -189,6 +189,114 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
         for r in shown:
             label = r.request.extra.get("question", r.request.prompt[-60:])
             click.echo(f"{label}\n  -> {r.text.strip()}   [{r.finish}, {len(r.ids)} tokens]")
+
+
+@main.command("eval", cls=Command)
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="ensemble TOML")
+@click.option("--task", required=True, type=click.Choice(["mmlu", "arc_challenge", "gsm8k", "piqa", "triviaqa", "nq"]))
+@click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True)
+@click.option("--method", "method_spec", default="single,deepen-avg,minED", show_default=True,
+              help="comma list: single, single:<member>, deepen, deepen-avg, deepen-adapt, minED, "
+                   "vote, mbr, deepen+vote, deepen+mbr")
+@click.option("--limit", default=0, show_default=True, help="a seeded random sample of N questions (0: all)")
+@click.option("--seed", default=0, show_default=True, help="the sample's seed")
+@click.option("--data", type=click.Path(dir_okay=False, exists=True),
+              help="score this JSONL file (same fields as the split) instead of the split")
+@click.option("--mode", "answer_mode", type=click.Choice(["choice", "generate"]),
+              help="multiple-choice tasks: argmax over the option letters (choice, default) or free "
+                   "generation with the letter read off the text; other tasks always generate")
+@click.option("--eta", "eta_spec", help="eta for DEEPEN: a value, a comma list (a sweep: one result "
+              "per eta), or 'dev' (the best deepen-avg eta of this task's dev results in --out)")
+@click.option("--fusion", type=click.Choice(["fast", "exact"]), help="override the config's fusion mode")
+@click.option("--out", "out_root", type=click.Path(file_okay=False), help="results folder (default results/<config name>)")
+@click.option("--batch", default=8, show_default=True, help="questions in flight")
+@click.option("--max-new-tokens", type=int, help="override the task's new-token budget (GSM8K: 512)")
+@click.option("--resume", is_flag=True, help="go on with existing per-method files")
+@click.option("--overwrite", is_flag=True, help="start the named methods again")
+@click.option("--threads", type=int, help="torch threads")
+def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, eta_spec, fusion, out_root,
+             batch, max_new_tokens, resume, overwrite, threads):
+    """Score methods on one benchmark (the paper's prompts, shots, stops, answer extraction and
+    metric): per-question JSONL and summary.json under --out/<task>-<split>[-free]."""
+    import torch
+    from runtime import evaluate as ev
+    from runtime.baselines import cached_min_edit_map
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.tasks import get_task, load_questions
+    cfg = load_config(config)
+    if threads:
+        torch.set_num_threads(threads)
+    t = get_task(task)
+    mode = answer_mode or ("choice" if t.kind == "choice" else "generate")
+    if mode == "choice" and t.kind != "choice":
+        fail(f"--mode choice: {task} is not a multiple-choice task")
+    out = Path(out_root or Path("results") / Path(config).stem)
+    folder = out / (f"{task}-{split}" + ("-free" if t.kind == "choice" and mode == "generate" else ""))
+    if data:
+        folder = out / f"{task}-{Path(data).stem}"
+    if eta_spec == "dev":
+        etas = [ev.best_dev_eta(out, t)]
+        click.echo(f"eta {etas[0]:g}: the best deepen-avg eta on {task} dev", err=True)
+    else:
+        try:
+            etas = [float(x) for x in eta_spec.split(",")] if eta_spec else [cfg.eta]
+        except ValueError:
+            fail(f"--eta: expected a number, a comma list or 'dev', got {eta_spec!r}")
+    names = [m.name for m in cfg.ordered_members]
+    methods = ev.parse_methods(method_spec, names, etas)
+    adapt = ev.adapt_weights(out, t, names) if any(m.startswith("deepen-adapt") for m in methods) else None
+    if overwrite:
+        for m in methods:
+            path = folder / f"{m.replace(':', '=')}.jsonl"
+            if path.exists():
+                path.unlink()
+    questions = load_questions(t, split, data, limit, seed)
+    log = lambda m: click.echo(m, err=True)
+    members = load_members(cfg, log=log)
+    home = deepen_home()
+    entry = None
+    if any(m.startswith("deepen") for m in methods):
+        entry = anchors_entry(cfg, members, log=log)
+    fusers = ev.method_fusers(
+        methods, members, lambda w: make_fuser(cfg, members, entry, fusion), cfg.eta if len(etas) > 1 else etas[0],
+        adapt, lambda: [None] + [cached_min_edit_map(members[0], m, m.model.get_output_embeddings().weight.shape[0], home)
+                                 for m in members[1:]])
+    meta = {"eta": etas[0], "max_new_tokens": max_new_tokens}
+    for m, (_, fuser) in fusers.items():
+        if m.startswith("deepen") or m == "minED":
+            meta[m] = {"weights": dict(zip(names, [round(w, 4) for w in fuser.weights])),
+                       "config": str(config), "fusion": getattr(fuser, "mode", None)}
+            if m.startswith("deepen"):
+                meta[m]["eta"] = fuser.search.eta
+                meta[m]["steps"] = fuser.search.steps
+    if adapt:
+        for m in methods:
+            if m.startswith("deepen-adapt"):
+                meta[m]["adapt"] = adapt
+    if not questions:
+        fail("no questions to score")
+    click.echo(f"{task} {split}: {len(questions)} questions, mode {mode}, methods {', '.join(methods)}", err=True)
+    run = ev.Evaluation(t, split, questions, members, folder, methods, fusers, mode, meta, batch,
+                        resume, log=log)
+    try:
+        run.run()
+    except KeyboardInterrupt:
+        fail(f"interrupted: every finished question is in {folder}; rerun with --resume to go on")
+    click.echo(f"results: {folder}", err=True)
+
+
+@main.command("report", cls=Command)
+@click.argument("results", type=click.Path(file_okay=False, exists=True))
+@click.option("--split", default="test", show_default=True, help="the split the main table shows")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="where report.md and the plots go (default RESULTS)")
+def report(results, split, out_dir):
+    """Markdown table (members vs methods vs tasks, deltas vs the best single member, question
+    counts, mode) and PNG plots (per-task bars; dev accuracy vs eta) from eval results."""
+    from runtime.report import render
+    paths = render(Path(results), Path(out_dir or results), split)
+    for p in paths:
+        click.echo(str(p))
+    click.echo((Path(out_dir or results) / "report.md").read_text())
 
 
 @main.command("bench", cls=Command)

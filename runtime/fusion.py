@@ -66,6 +66,7 @@ class StepResult:
     relative: torch.Tensor | None     # aggregated r (rows that were fused)
     final_logits: torch.Tensor | None = None  # exact mode only
     stats: dict = field(default_factory=dict)
+    include_logits: torch.Tensor | None = None  # final logits of the ids asked for (every row)
 
 
 class Fuser:
@@ -109,37 +110,43 @@ class Fuser:
             fuse &= main_argmax != self.eos_token_id
         return fuse
 
-    def step(self, member_logits: list[torch.Tensor], skip: torch.Tensor | None = None) -> StepResult:
+    def step(self, member_logits: list[torch.Tensor], skip: torch.Tensor | None = None,
+             include: torch.Tensor | None = None) -> StepResult:
         """member_logits[i]: (B, |V_i|) last-position logits of member i. `skip` marks rows whose
-        step must not be fused (e.g. a stop string was just completed)."""
+        step must not be fused (e.g. a stop string was just completed). `include`: main-model
+        token ids whose final logits the caller wants (a choice-constrained answer)."""
         fuse = self.rows_to_fuse(member_logits[0], skip)
         if not fuse.any():
-            return self.decide(member_logits[0], None, fuse)
+            return self.decide(member_logits[0], None, fuse, include=include)
         rows = fuse.nonzero(as_tuple=True)[0]
         t0 = time.perf_counter()
         r, stats = self.relative([l[rows] for l in member_logits])
         self.seconds["relative"] += time.perf_counter() - t0
-        return self.decide(member_logits[0], r, fuse, stats)
+        return self.decide(member_logits[0], r, fuse, stats, include)
 
     def decide(self, main_logits: torch.Tensor, r: torch.Tensor | None, fuse: torch.Tensor,
-               stats: dict | None = None) -> StepResult:
+               stats: dict | None = None, include: torch.Tensor | None = None) -> StepResult:
         """The inverse search on the main model for the rows in `fuse` (r: their aggregated
         relative vectors, in row order); every other row takes the main model's own argmax."""
         main = main_logits.float()
         tokens = main.argmax(-1)
         stats = stats or {}
+        picked = None if include is None else main[:, include].clone()
         if r is None:
-            return StepResult(tokens, fuse, None, main if self.mode == "exact" else None, stats)
+            return StepResult(tokens, fuse, None, main if self.mode == "exact" else None, stats, picked)
         rows = fuse.nonzero(as_tuple=True)[0]
         t0 = time.perf_counter()
         if self.mode == "exact":
             final = main.clone()
             final[rows] = search_exact(main[rows], r, self.transfers[0], self.search)
             self.seconds["search"] += time.perf_counter() - t0
-            return StepResult(final.argmax(-1), fuse, r, final, stats)
+            return StepResult(final.argmax(-1), fuse, r, final, stats,
+                              None if include is None else final[:, include])
         chosen, search_stats = search_fast(main[rows], r, self.transfers[0], self.search,
-                                           self.fast.mass_epsilon, self.fast.max_support)
+                                           self.fast.mass_epsilon, self.fast.max_support, include)
         self.seconds["search"] += time.perf_counter() - t0
         tokens[rows] = chosen
+        if include is not None:
+            picked[rows] = search_stats.pop("include_logits")
         stats.update(search_stats)
-        return StepResult(tokens, fuse, r, None, stats)
+        return StepResult(tokens, fuse, r, None, stats, picked)

@@ -115,11 +115,13 @@ class Lane:
         before = mask.sum(1, keepdim=True)
         positions = before + torch.arange(width)[None, :]
         full_mask = torch.cat([mask, block], dim=1)
-        with torch.no_grad():
-            out = self.model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True)
         last = torch.tensor([max(len(t), 1) - 1 for t in tokens])
-        return out.logits[torch.arange(rows), last].float(), full_mask
+        with torch.no_grad():
+            # only each row's last position goes through the output layer: on a long prefill the
+            # (rows x width x vocabulary) logits would cost more time and memory than the model
+            out = self.model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=last[:, None])
+        return out.logits[:, -1].float(), full_mask
 
     def forward(self, slots: list[int], pending: list[list[int]]):
         """Prefill each listed slot's pending tokens (every other slot gets only padding)."""

@@ -105,13 +105,16 @@ def candidate_margin(s: SearchSettings) -> float:
 
 
 def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchSettings,
-                mass_epsilon: float = 1e-4, max_support: int = 256):
+                mass_epsilon: float = 1e-4, max_support: int = 256,
+                include: torch.Tensor | None = None):
     """Search restricted to the tokens that can still win. Returns (tokens, stats).
 
     Support per row: the top-k prefix of the main logits that holds both every candidate (logit
     within `candidate_margin` of the top) and 1 - mass_epsilon of the probability, at most
     `max_support` tokens. stats: support sizes, frozen tail mass, and whether a row's candidate
     set was larger than max_support (then the result may differ from exact mode).
+    `include` (1-D token ids): searched in every row whatever their rank (the option letters of a
+    choice-constrained answer); stats["include_logits"] (B x n) holds their final logits.
     """
     from .fusion import tail_by_cluster
     z0 = main_logits.detach().float()
@@ -127,15 +130,20 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     k_max = int(k.max())
     live = torch.arange(k_max)[None, :] < k[:, None]
     tail_mass = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
+    ids, start = top_ids[:, :k_max], top_z[:, :k_max]
+    if include is not None:  # extra columns, live where the prefix does not hold them already
+        extra = include[None, :].expand(rows_n, -1)
+        held = ((ids[:, :, None] == include[None, None, :]) & live[:, :, None]).any(1)
+        ids, start = torch.cat([ids, extra], 1), torch.cat([start, z0.gather(1, extra)], 1)
+        live = torch.cat([live, ~held], 1)
+        k_max = ids.shape[1]
     # the rest of the vocabulary: frozen, one term per embedding cluster (its probability, at
     # the cluster's mean row of P)
     n_clusters = transfer.cluster_rows.shape[0]
-    tail = tail_by_cluster(torch.softmax(z0, dim=-1), top_ids[:, :k_max], live,
-                           transfer.cluster_of, n_clusters)
+    tail = tail_by_cluster(torch.softmax(z0, dim=-1), ids, live, transfer.cluster_of, n_clusters)
     tail_logit = torch.where(tail > 1e-30, lse + tail.clamp_min(1e-30).log(),
                              torch.full_like(tail, PAD_LOGIT))
 
-    ids = top_ids[:, :k_max]
     uniq, inverse = torch.unique(ids[live], return_inverse=True)
     index = torch.zeros(rows_n, k_max, dtype=torch.long)
     index[live] = inverse
@@ -145,7 +153,7 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     tail_lse = torch.logsumexp(tail_logit, dim=1, keepdim=True)
     tail_row = torch.softmax(tail_logit, dim=1) @ transfer.cluster_rows
 
-    z = torch.where(live, top_z[:, :k_max], torch.full_like(top_z[:, :k_max], PAD_LOGIT))
+    z = torch.where(live, start, torch.full_like(start, PAD_LOGIT))
     z.requires_grad_(True)
     opt, sched = _optimizer(z, s)
     for _ in range(s.steps):
@@ -160,4 +168,7 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     tokens = ids.gather(1, z.argmax(-1, keepdim=True)).squeeze(1)
     stats = {"support": k.tolist(), "candidates": k_cand.tolist(),
              "tail_mass": tail_mass.tolist(), "capped": capped.tolist()}
+    if include is not None:
+        match = (ids[:, :, None] == include[None, None, :]) & live[:, :, None]
+        stats["include_logits"] = torch.where(match, z[:, :, None], float("-inf")).amax(1)
     return tokens, stats

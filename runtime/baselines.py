@@ -1,0 +1,126 @@
+"""The paper's baselines (ALGORITHM.md section 7), besides "each member alone":
+
+- MinED: map every assist token to the main-vocabulary token at the smallest edit distance (the
+  same token where the bytes match), then average the members' distributions in the main
+  vocabulary. `MinEDFuser` plugs into the engine like a `Fuser`.
+- Voting (multiple choice, GSM8K) and MBR (QA) combine final answers; they are functions over
+  per-question answers, run after the members' (and DEEPEN's) answers exist.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .fusion import StepResult
+from .vocab import _first_ids, token_bytes
+
+
+def _as_text(b: bytes) -> str:
+    return b.decode("latin-1")  # one character per byte: edit distance over bytes
+
+
+def min_edit_map(assist_bytes: list[bytes | None], main_bytes: list[bytes | None],
+                 assist_eos: int | None, main_eos: int | None, size: int, progress: bool = False) -> torch.Tensor:
+    """For each assist id (size of its logits), the main id it maps to, or -1 (special tokens,
+    padding ids: their probability is dropped). Ties go to the lower (more frequent) main id."""
+    from rapidfuzz import process
+    from rapidfuzz.distance import Levenshtein
+    exact = _first_ids(main_bytes)
+    choices = {i: _as_text(b) for i, b in enumerate(main_bytes) if b}
+    mapping = torch.full((size,), -1, dtype=torch.long)
+    missing = []
+    for i, b in enumerate(assist_bytes[:size]):
+        if not b:
+            continue
+        if b in exact:
+            mapping[i] = exact[b]
+        else:
+            missing.append(i)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(missing), desc="minED map", unit="tok")
+    for i in missing:
+        _, _, main_id = process.extractOne(_as_text(assist_bytes[i]), choices, scorer=Levenshtein.distance)
+        mapping[i] = main_id
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    if assist_eos is not None and main_eos is not None and assist_eos < size:
+        mapping[assist_eos] = main_eos
+    return mapping
+
+
+def cached_min_edit_map(main, assist, size: int, home: Path, progress: bool = True) -> torch.Tensor:
+    """min_edit_map, cached under $DEEPEN_HOME/mined by the two members' fingerprints."""
+    key = hashlib.sha256(f"{main.fingerprint}:{assist.fingerprint}:{size}".encode()).hexdigest()[:16]
+    path = home / "mined" / f"{key}.safetensors"
+    if path.exists():
+        return load_file(path)["map"]
+    mapping = min_edit_map(token_bytes(assist.tokenizer), token_bytes(main.tokenizer),
+                           assist.eos_token_id, main.eos_token_id, size, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"map": mapping}, tmp)
+    tmp.replace(path)
+    return mapping
+
+
+class MinEDFuser:
+    """Averages distributions in the main vocabulary through the minED maps (maps[0] is None:
+    the main member maps to itself). Same `step` contract as `Fuser`."""
+
+    def __init__(self, maps: list[torch.Tensor | None], weights: list[float]):
+        self.maps = maps
+        self.weights = weights
+        self.seconds = {"relative": 0.0}
+
+    def probs(self, member_logits: list[torch.Tensor]) -> torch.Tensor:
+        main = member_logits[0].float()
+        out = self.weights[0] * torch.softmax(main, dim=-1)
+        for w, mapping, logits in zip(self.weights[1:], self.maps[1:], member_logits[1:]):
+            p = torch.softmax(logits.float(), dim=-1)
+            n = min(p.shape[1], mapping.shape[0])
+            valid = mapping[:n] >= 0
+            out.index_add_(1, mapping[:n][valid], w * p[:, :n][:, valid])
+        return out
+
+    def step(self, member_logits, skip=None, include=None) -> StepResult:
+        fuse = torch.ones(member_logits[0].shape[0], dtype=torch.bool) if skip is None else ~skip
+        log_p = self.probs(member_logits).clamp_min(1e-30).log()
+        # a row whose main-model token completes a stop string keeps it, as in DEEPEN
+        log_p[~fuse] = member_logits[0][~fuse].float()
+        return StepResult(log_p.argmax(-1), fuse, None, log_p, {},
+                          None if include is None else log_p[:, include])
+
+
+# ---- answer-level combiners --------------------------------------------------------------------
+
+def vote(answers: list[str | None], tie_order: list[int]) -> str | None:
+    """Majority over answers (None = no answer, never wins). A tie goes to the earliest voter in
+    `tie_order` among the tied answers."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    tied = {a for a, c in counts.items() if c == top}
+    for i in tie_order:
+        if answers[i] in tied:
+            return answers[i]
+    return None
+
+
+def mbr(candidates: list[str], similarity, tie_order: list[int]) -> str:
+    """The candidate with the highest total similarity to the others; ties by `tie_order`."""
+    totals = [sum(similarity(c, o) for j, o in enumerate(candidates) if j != i)
+              for i, c in enumerate(candidates)]
+    best = max(totals)
+    for i in tie_order:
+        if totals[i] == best:
+            return candidates[i]
+    return candidates[0]

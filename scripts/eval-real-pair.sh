@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The real-pair evaluation behind docs/results/eval (SmolLM2-135M + Gemma-3-270M, main Gemma-3).
+# Every step resumes: rerun the script after an interruption and finished questions are kept.
+# Sizes are set by what a 2-core CPU does in a session; see docs/results/eval/README.md.
+set -euo pipefail
+C=${CONFIG:-configs/smol-gemma.toml}
+OUT=${OUT:-results/smol-gemma}
+DEV=${DEV:-200}
+TEST=${TEST:-500}
+ETAS=${ETAS:-0.05,0.15,0.3,0.6}
+E="deepen eval --config $C --out $OUT --resume"
+
+for task in piqa arc_challenge mmlu; do
+  # dev: the members alone (DEEPEN-Adapt's weights) and the eta sweep, from one prefill per question
+  $E --task $task --split dev --limit $DEV --method single,deepen-avg --eta $ETAS
+  $E --task $task --split test --limit $TEST --eta dev \
+     --method single,deepen-avg,deepen-adapt,minED,vote,deepen+vote
+done
+for task in triviaqa nq; do
+  $E --task $task --split dev --limit ${QA_DEV:-100} --method single,deepen-avg --eta ${QA_ETAS:-0.15,0.6}
+  $E --task $task --split test --limit $TEST --eta dev --batch 16 \
+     --method single,deepen-avg,deepen-adapt,minED,mbr,deepen+mbr
+done
+# GSM8K: chain of thought, up to 512 new tokens per question: a small sample (see the README)
+$E --task gsm8k --split dev --limit ${GSM_DEV:-20} --method single --batch 16
+$E --task gsm8k --split test --limit ${GSM_TEST:-40} --batch 16 --max-new-tokens ${GSM_TOKENS:-256} \
+   --method single,deepen-avg,deepen-adapt,minED,vote,deepen+vote
+deepen report $OUT --out docs/results/eval
