@@ -14,16 +14,18 @@ def data_dir() -> Path:
     return Path(os.environ.get("DEEPEN_DATA_DIR", default)).resolve()
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, numbered: bool = False) -> list:
+    """The objects of a JSON-lines file (blank lines skipped); `numbered`: (line number, object)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+            rows.append((number, obj) if numbered else obj)
     return rows
 
 

@@ -51,10 +51,13 @@ def load_questions(task: Task, split: str = "test", data: str | Path | None = No
     (its line order in the file). `limit` keeps a seeded random sample, in file order: MMLU's
     files are sorted by subject, so the first N would be a handful of subjects."""
     path = Path(data) if data else data_dir() / task.name / f"{split}.jsonl"
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
-        _check_question(task, row, f"{path}: question {i + 1}")
+    rows = read_jsonl(path, numbered=True)
+    for i, (number, row) in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        _check_question(task, row, f"{path}:{number}")
         row["index"] = i
+    rows = [row for _, row in rows]
     if limit and limit < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
         rows = [rows[i] for i in keep]

@@ -1,0 +1,278 @@
+"""Evaluation: scoring functions on hand-made predictions (exact), prompts in the paper's format,
+and `deepen eval` / `deepen report` end to end on the tiny members."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.baselines import MinEDFuser, mbr, min_edit_map, vote
+from runtime.evaluate import adapt_rule, letter_ids, parse_methods, prefill
+from runtime.fusion import FastSettings
+from runtime.report import table
+from runtime.tasks import (TASKS, build_prompt, exact_match, extract, extract_gsm8k, gold, gold_letter,
+                           load_questions, normalize_answer, parse_letter, score, token_f1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- scoring: pure functions ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,want", [
+    ("The Beatles", "beatles"), ("  a   Tale of Two  Cities. ", "tale of two cities"),
+    ("Sunset Blvd.", "sunset blvd"), ("AN apple, the end!", "apple end"), ("theatre", "theatre"),
+    ("U.S.A.", "usa"), ("", ""),
+])
+def test_normalize_answer(text, want):
+    assert normalize_answer(text) == want
+
+
+def test_exact_match_over_aliases():
+    aliases = ["Sunset Blvd", "Sunset Boulevard", "West Sunset Boulevard"]
+    assert exact_match(" sunset boulevard.", aliases)
+    assert exact_match("The Sunset Blvd", aliases)
+    assert not exact_match("Sunset", aliases)
+    assert not exact_match("Sunset Boulevard musical", aliases)
+    q = {"answer": ["Paris"]}
+    assert score(TASKS["triviaqa"], extract(TASKS["triviaqa"], " Paris\n"), gold(TASKS["triviaqa"], q))
+
+
+@pytest.mark.parametrize("text,want", [
+    ("She sells 9 * 2 = $18.\nTherefore, the answer is 18", "18"),
+    ("The answer is $1,000.", "1000"), ("the answer is: 4.50", "4.5"), ("The answer is -3", "-3"),
+    ("The answer is 7.", "7"), ("The answer is 12 apples. Wait, the answer is 13", "13"),
+    ("So 5 + 5 = 10", None), ("The answer is unknown", None), ("The answer is 0.25", "0.25"),
+])
+def test_gsm8k_extraction(text, want):
+    assert extract_gsm8k(text) == want
+
+
+def test_gsm8k_gold_from_reasoning():
+    q = {"question": "x", "answer": "2 + 2 = 4\nThe answer is 4"}
+    assert gold(TASKS["gsm8k"], q) == "4"
+    assert score(TASKS["gsm8k"], extract(TASKS["gsm8k"], " 4 apples.\nThe answer is 4.0"), "4")
+
+
+@pytest.mark.parametrize("text,want", [
+    (" B", "B"), ("B.", "B"), (" (C) because", "C"), ("D) ten", "D"), ("Answer: A", "A"),
+    ("The answer is C.", "C"), (" A\nQuestion", "A"), (" Because", None), ("E", None), ("", None),
+    ("a", None), (" AB", None),
+])
+def test_parse_letter(text, want):
+    assert parse_letter(text, "ABCD") == want
+
+
+def test_parse_letter_respects_the_options():
+    assert parse_letter(" C", "AB") is None and parse_letter(" B", "AB") == "B"
+
+
+def test_gold_letter_maps_arc_digits():
+    task = TASKS["arc_challenge"]
+    assert gold_letter(task, {"answer": "3"}) == "C"
+    assert gold_letter(task, {"answer": "B"}) == "B"
+    with pytest.raises(ValueError, match="not one of the options"):
+        gold_letter(TASKS["piqa"], {"answer": "C"})
+
+
+def test_token_f1():
+    assert token_f1("the Eiffel Tower", "Eiffel tower") == 1.0
+    assert token_f1("Paris France", "Paris") == pytest.approx(2 / 3)
+    assert token_f1("London", "Paris") == 0.0
+    assert token_f1("", "") == 1.0
+
+
+def test_vote_and_mbr_tie_rules():
+    assert vote(["A", "B", "B"], [0, 1, 2]) == "B"
+    assert vote(["A", "B"], [1, 0]) == "B"          # a tie goes to the first in tie order
+    assert vote([None, "C"], [0, 1]) == "C"         # no answer never wins
+    assert vote([None, None], [0, 1]) is None
+    assert mbr(["Paris", "Paris France", "London"], token_f1, [2, 1, 0]) == "Paris France"
+    assert mbr(["Rome", "Oslo"], token_f1, [1, 0]) == "Oslo"
+
+
+def test_adapt_rule():
+    w = adapt_rule({"a": 0.45, "b": 0.25}, chance=0.25)
+    assert w["a"] == pytest.approx(0.21 / 0.22) and w["b"] == pytest.approx(0.01 / 0.22)
+    assert adapt_rule({"a": 0.2, "b": 0.1}, chance=0.25) == {"a": 0.5, "b": 0.5}
+    assert sum(adapt_rule({"a": 0.1, "b": 0.3, "c": 0.0}, 0.0).values()) == pytest.approx(1)
+
+
+def test_parse_methods():
+    names = ["main", "assist"]
+    assert parse_methods("vote", names, [0.15]) == ["single:main", "single:assist", "vote"]
+    assert parse_methods("deepen-avg,deepen+mbr", names, [0.1, 0.3]) == [
+        "deepen-avg@0.1", "deepen-avg@0.3", "single:main", "single:assist", "deepen+mbr"]
+    with pytest.raises(ValueError, match="unknown method 'blend'"):
+        parse_methods("single,blend", names, [0.15])
+    with pytest.raises(ValueError, match="no member named 'x'"):
+        parse_methods("single:x", names, [0.15])
+
+
+# ---- prompts: the paper's formats (ALGORITHM.md section 8) -----------------------------------
+
+def test_prompts_follow_the_protocol():
+    q4 = {"question": "Q?", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A", "domain": "anatomy"}
+    assert build_prompt(TASKS["arc_challenge"], q4, []) == "Question: Q?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    assert build_prompt(TASKS["piqa"], {"question": "goal", "A": "x", "B": "y"}, []) == "goal\nA. x\nB. y\nAnswer:"
+    demo = dict(q4, question="D?", answer="C")
+    mmlu = build_prompt(TASKS["mmlu"], q4, [demo, dict(demo, domain="law")])
+    block = ("There is a single choice question about anatomy. Answer the question by replying A, B, C or D.\n"
+             "Question: {}\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    assert mmlu == block.format("D?") + " C\n" + block.format("Q?")  # only the subject's demos
+    qa = build_prompt(TASKS["nq"], {"question": "who?", "answer": ["x"]}, [{"question": "d?", "answer": "e"}])
+    assert qa == "Answer this questions:\nQuestion:d?\nAnswer:e\nQuestion:who?\nAnswer:"
+    gsm = build_prompt(TASKS["gsm8k"], {"question": "q"}, [{"question": "d", "answer": "r\nThe answer is 1"}])
+    assert gsm == ("Question: d\nLet's think step by step\nAnswer: r\nThe answer is 1\n\n"
+                   "Question: q\nLet's think step by step\nAnswer:")
+
+
+def test_real_data_loads_and_samples_are_stable():
+    for name, task in TASKS.items():
+        questions = load_questions(task, "dev", limit=5)
+        assert len(questions) == 5 and all("index" in q for q in questions)
+        assert [q["index"] for q in questions] == [q["index"] for q in load_questions(task, "dev", limit=5)]
+        for q in questions:
+            gold(task, q)  # every gold parses
+    mmlu = load_questions(TASKS["mmlu"], "test", limit=200)
+    assert len({q["domain"] for q in mmlu}) > 20  # a spread over subjects, not the first few
+
+
+def test_bad_question_file_names_the_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "q", "A": "x", "B": "y", "answer": "A"}\n\n{"question": "q2", "A": "x", "answer": "A"}\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:3: missing field 'B'"):
+        load_questions(TASKS["piqa"], data=path)
+    path.write_text('{"question": "q", "A": "x", "B": "y", "answer": "A"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:2: not valid JSON"):
+        load_questions(TASKS["piqa"], data=path)
+
+
+# ---- on the tiny members ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from runtime.config import load_config
+    from runtime.ensemble import anchors_entry, load_members
+    home = tmp_path_factory.mktemp("home")
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    members = load_members(cfg, home=home, log=lambda *a: None)
+    entry = anchors_entry(cfg, members, home, progress=False)
+    return cfg, members, entry, home
+
+
+def test_prefill_matches_a_plain_forward(tiny):
+    _, members, _, _ = tiny
+    prompts = ["Question: a?\nA. x\nB. y\nAnswer:", "goal\nA. one\nB. two words here\nAnswer:"]
+    for m in members:
+        got = prefill(m, prompts)
+        for row, p in enumerate(prompts):
+            ids = torch.tensor([m.tokenizer(m.render(p))["input_ids"]])
+            with torch.no_grad():
+                want = m.model(input_ids=ids).logits[0, -1]
+            torch.testing.assert_close(got[row], want, rtol=1e-4, atol=1e-4)
+
+
+def test_choice_scores_fast_full_support_equal_exact(tiny):
+    """With the whole vocabulary as support, fast mode's search is the exact search: the option
+    letters' final logits (what a choice-constrained answer reads) must agree."""
+    from runtime.ensemble import make_fuser
+    cfg, members, entry, _ = tiny
+    prompts = ["Question: which?\nA. x\nB. y\nAnswer:", "the cat\nA. sat\nB. ran\nAnswer:",
+               "café?\nA. oui\nB. non\nAnswer:"]
+    logits = [prefill(m, prompts) for m in members]
+    include = torch.tensor([i for g in letter_ids(members[0].tokenizer, "AB") for i in g])
+    exact = make_fuser(cfg, members, entry, "exact").step(logits, include=include)
+    fast = make_fuser(cfg, members, entry, "fast")
+    fast.fast = FastSettings(mass_epsilon=0.0, max_support=logits[0].shape[1])
+    got = fast.step(logits, include=include)
+    torch.testing.assert_close(got.include_logits, exact.include_logits, rtol=1e-3, atol=1e-3)
+    assert torch.equal(got.tokens, exact.tokens)
+
+
+def test_min_edit_map_on_tiny_tokenizers(tiny):
+    from runtime.vocab import token_bytes
+    _, members, _, _ = tiny
+    main, assist = token_bytes(members[0].tokenizer), token_bytes(members[1].tokenizer)
+    mapping = min_edit_map(assist, main, members[1].eos_token_id, members[0].eos_token_id, len(assist))
+    first = {}
+    for i, b in enumerate(main):
+        if b and b not in first:
+            first[b] = i
+    for i, b in enumerate(assist):
+        if b in first:
+            assert mapping[i] == first[b]        # a shared token maps to itself
+        elif b:
+            assert mapping[i] >= 0 and main[mapping[i]] is not None
+    assert mapping[members[1].eos_token_id] == members[0].eos_token_id
+    # averaging through the map keeps a distribution a distribution
+    fuser = MinEDFuser([None, mapping], [0.5, 0.5])
+    probs = fuser.probs([torch.randn(2, len(main)), torch.randn(2, len(assist))])
+    total = probs.sum(1)  # the main half, plus the assist's mass on mapped tokens
+    assert probs.min() >= 0 and (total <= 1 + 1e-5).all() and (total >= 0.5 - 1e-5).all()
+
+
+def _eval(home, out, *args):
+    env = dict(os.environ, DEEPEN_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "eval", "--config", str(ROOT / "configs" / "tiny.toml"),
+                           "--out", str(out), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_eval_end_to_end_resume_and_report(tiny, tmp_path):
+    _, _, _, home = tiny
+    out = tmp_path / "res"
+    common = ["--task", "piqa", "--method", "single,deepen-avg,minED,vote,deepen+vote"]
+    first = _eval(home, out, *common, "--split", "dev", "--limit", "4")
+    assert first.returncode == 0, first.stderr
+    folder = out / "piqa-dev"
+    rows = [json.loads(l) for l in (folder / "deepen-avg.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["answer"] in "AB" and r["correct"] == (r["answer"] == r["gold"]) for r in rows)
+    again = _eval(home, out, *common, "--split", "dev", "--limit", "4")
+    assert again.returncode == 2 and "--resume" in again.stderr  # never appends silently
+    # a bigger sample, resumed: the 4 done are kept, only the rest is computed, nothing twice
+    more = _eval(home, out, *common, "--split", "dev", "--limit", "6", "--resume", "--seed", "0")
+    assert more.returncode == 0, more.stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    for method, entry in summary.items():
+        lines = [json.loads(l) for l in (folder / f"{method.replace(':', '=')}.jsonl").read_text().splitlines()]
+        ids = [l["id"] for l in lines]
+        assert len(ids) == len(set(ids)) and entry["questions"] == len(lines)
+        assert entry["correct"] == sum(l["correct"] for l in lines)
+    # the single members' answers are what the vote saw
+    vote_rows = {json.loads(l)["id"]: json.loads(l) for l in (folder / "vote.jsonl").read_text().splitlines()}
+    singles = {json.loads(l)["id"]: json.loads(l)["answer"] for l in (folder / "single=tiny-sp.jsonl").read_text().splitlines()}
+    assert all(vote_rows[i]["candidates"][0] == a for i, a in singles.items())
+    adapt = _eval(home, out, "--task", "piqa", "--split", "test", "--limit", "3", "--method", "deepen-adapt")
+    assert adapt.returncode == 0, adapt.stderr
+    weights = json.loads((out / "piqa-test" / "summary.json").read_text())["deepen-adapt"]["weights"]
+    assert sum(weights.values()) == pytest.approx(1, abs=1e-3)
+    missing = _eval(home, out, "--task", "arc_challenge", "--split", "test", "--limit", "3", "--method", "deepen-adapt")
+    assert missing.returncode == 2 and "needs the members' dev scores" in missing.stderr
+    rep = subprocess.run([sys.executable, "-m", "launcher.cli", "report", str(out), "--split", "dev"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    assert (out / "accuracy.png").stat().st_size > 0 and "| deepen-avg |" in (out / "report.md").read_text()
+
+
+def test_eval_generate_mode_reads_letters_from_text(tiny, tmp_path):
+    _, _, _, home = tiny
+    res = _eval(home, tmp_path, "--task", "arc_challenge", "--split", "dev", "--limit", "3",
+                "--method", "single:tiny-sp", "--mode", "generate")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(l) for l in (tmp_path / "arc_challenge-dev-free" / "single=tiny-sp.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["answer"] == parse_letter(r["prediction"], "ABCD") and r["tokens"] <= 1
+
+
+def test_report_table_deltas():
+    data = {"piqa": {"single:a": {"accuracy": 0.6, "questions": 100, "mode": "choice"},
+                     "single:b": {"accuracy": 0.5, "questions": 100, "mode": "choice"},
+                     "deepen-avg": {"accuracy": 0.62, "questions": 100, "mode": "choice", "eta": 0.15}},
+            "nq": {"single:a": {"accuracy": 0.02, "questions": 50, "mode": "generate"},
+                   "single:b": {"accuracy": 0.04, "questions": 50, "mode": "generate"},
+                   "deepen-avg": {"accuracy": 0.03, "questions": 50, "mode": "generate", "eta": 0.15}}}
+    text = table(data, "test")
+    assert "| deepen-avg | 62.00 (+2.00) | 3.00 (-1.00) | 1 wins, 1 losses > 0.5 |" in text
+    assert "| questions | 100 | 50 | |" in text and "| mode | choice | generate | |" in text
