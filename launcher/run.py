@@ -162,5 +162,117 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
         _die(who, f"{type(e).__name__}: {e}")
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--batch", default="1,8", show_default=True, help="comma-separated batch sizes")
+@click.option("--new-tokens", default=16, show_default=True)
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
+              help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
+@click.option("--repeat", default=3, show_default=True, help="repetitions after a warm-up")
+@click.option("--output", type=click.Path(dir_okay=False), help="rank 0 writes the JSON here")
+@click.option("--timeout", default=120.0, show_default=True)
+@click.option("--threads", type=int, help="torch threads per rank (default: cores / local ranks)")
+@click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
+def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, timeout, threads, local_rank):
+    """`deepen bench` across ranks: tokens/s from rank 0, and every rank's own breakdown
+    (forward, relative, search, resync, communication + wait) and peak memory.
+
+        deepspeed --num_accelerators 2 launcher/run.py bench --config configs/smol-gemma.toml
+    """
+    import json
+
+    import torch
+
+    from runtime.bench import rank_run, rank_table, summarize_ranks
+    from runtime.distributed import DistributedEngine, broadcast_message, gather_messages
+    from runtime.engine import Request
+
+    world, heartbeat, layout, members, fuser = _start(config_path, timeout, threads)
+    try:
+        prompts = None
+        if world.rank == 0:
+            from runtime.jobs import read_requests
+            from runtime.prompts import qa_prompts
+            prompts = [r.prompt for r in read_requests(prompts_path)] if prompts_path else qa_prompts("triviaqa", "dev", 32)
+        prompts = broadcast_message({"prompts": prompts})["prompts"]
+
+        def once(size: int, tokens: int) -> dict:
+            chosen = (prompts * (size // len(prompts) + 1))[:size]
+            engine = DistributedEngine(members, fuser, world, size)
+            fuser.seconds.clear()
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            results = engine.run([Request(i, p, tokens) for i, p in enumerate(chosen)] if world.rank == 0 else None)
+            return rank_run(engine, time.perf_counter() - t0, results)
+
+        once(2, 2)  # warm-up
+        out = {"config": config_path, "world_size": layout.world_size, "new_tokens": new_tokens,
+               "repeat": repeat, "layout": [layout.describe(r) for r in range(layout.world_size)], "batches": []}
+        for size in [int(b) for b in batch.split(",")]:
+            runs = []
+            for r in range(repeat):
+                if world.rank == 0:
+                    print(f"batch {size}: run {r + 1}/{repeat}", file=sys.stderr)
+                runs.append(gather_messages(once(size, new_tokens)))
+            out["batches"].append(summarize_ranks(size, runs))
+        if world.rank == 0:
+            if output:
+                Path(output).write_text(json.dumps(out, indent=1) + "\n")
+            print(rank_table(out))
+        heartbeat.close()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - stop loudly, never hang
+        if isinstance(e, (RuntimeError, dist_errors())):
+            _fail_job(world, heartbeat, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        _die(world.describe, f"{type(e).__name__}: {e}")
+
+
+def _start(config_path, timeout, threads):
+    """Join the world, load and shard this rank's member, load its transfer (leaders)."""
+    import torch
+
+    from runtime.config import ConfigError, load_config
+    from runtime.distributed import Heartbeat, init_world, layout_for, shard_member
+    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.members import load_model
+
+    rank = int(os.environ.get("RANK", "0"))
+    who = f"rank {rank}"
+    try:
+        cfg = load_config(config_path)
+        layout = layout_for(cfg)
+        who = layout.describe(rank) if rank < layout.world_size else who
+    except (ConfigError, ValueError) as e:
+        _die(who, e, 2)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    try:
+        world = init_world(layout, timeout)
+        heartbeat = Heartbeat(world, on_dead=lambda why: _die(world.describe, f"stopping: {why}"))
+        signal.signal(signal.SIGTERM, lambda *_: _fail_job(
+            world, heartbeat, "stopped by the launcher (a rank failed, or the job was cancelled)"))
+        members = load_members(cfg, with_models=False, log=lambda m: None)
+        mine = members[world.member]
+        mine.model = shard_member(load_model(mine.path, mine.config), world, getattr(torch, mine.config.dtype))
+        entry = anchors_entry(cfg, members, build=False)
+        fuser = make_fuser(cfg, members, entry, only=world.member if world.is_leader else -1)
+        return world, heartbeat, layout, members, fuser
+    except Exception as e:  # noqa: BLE001
+        _die(who, f"{type(e).__name__}: {e}")
+
+
+def _entry():
+    """`run.py bench ...` runs the benchmark; anything else is the generate job. The deepspeed
+    launcher puts --local_rank=N before the script's own arguments."""
+    args = sys.argv[1:]
+    first = next((i for i, a in enumerate(args) if not a.startswith("--local_rank")), None)
+    if first is not None and args[first] == "bench":
+        del sys.argv[first + 1]
+        bench_main()
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    _entry()

@@ -176,6 +176,19 @@ def broadcast_message(message: dict | None, src: int = 0) -> dict:
     return msgpack.unpackb(data.numpy().tobytes(), raw=False)
 
 
+def gather_messages(message: dict) -> list[dict]:
+    """Every rank's message, on every rank (msgpack over all_gather, padded to the longest)."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.long))
+    longest = int(max(sizes))
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(parts, mine)
+    return [msgpack.unpackb(t[:int(n)].numpy().tobytes(), raw=False) for t, n in zip(parts, sizes)]
+
+
 # ---- the distributed engine ---------------------------------------------------------------
 
 class DistributedEngine(Engine):

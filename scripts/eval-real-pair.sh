@@ -7,7 +7,7 @@ C=${CONFIG:-configs/smol-gemma.toml}
 OUT=${OUT:-results/smol-gemma}
 DEV=${DEV:-200}
 TEST=${TEST:-500}
-ETAS=${ETAS:-0.05,0.15,0.3,0.6}
+ETAS=${ETAS:-0.05,0.15,0.3,0.6,1.0,2.0}
 E="deepen eval --config $C --out $OUT --resume"
 
 for task in piqa arc_challenge mmlu; do

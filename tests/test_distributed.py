@@ -139,3 +139,27 @@ def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
     lines = out_path.read_text().splitlines()
     assert len(lines) == 30 and len({json.loads(l)["id"] for l in lines}) == 30
     assert records(out_path) == records(want)
+
+
+def test_bench_under_the_launcher_reports_every_rank(home, tmp_path):
+    pair = home / "pair.toml"
+    prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "bench.json"
+    proc = launch(home, 2, "launcher/run.py", "bench", "--config", str(pair), "--batch", "1,3",
+                  "--new-tokens", "5", "--repeat", "2", "--prompts", str(tmp_path / "p.jsonl"),
+                  "--output", str(out))
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["batches"]] == [1, 3]
+    for row in result["batches"]:
+        assert [r["member"] for r in row["ranks"]] == ["tiny-sp", "tiny-bpe"]
+        assert 0 < row["tokens"] <= 5 * row["batch"]
+        t = row["tokens_per_s"]
+        assert 0 < t["min"] <= t["median"] <= t["max"]
+        for r in row["ranks"]:
+            assert all(0 <= v <= 1.01 for v in r["share"].values())
+            assert 0 < r["communication_share"] < 1 and sum(r["share"].values()) <= 1.01
+            assert any(k.startswith("forward:") for k in r["share"]) and r["peak_rss_mb"] > 0
+        assert "search" in row["ranks"][0]["share"] and "search" not in row["ranks"][1]["share"]
+    assert "| 3 |" in text  # the table on rank 0's output
