@@ -113,6 +113,9 @@ class LowRankTransfer:
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # token id -> cache slot, LRU order
         self.hits = 0
         self.misses = 0
+        self.memo_hits = 0
+        self.computed = 0     # rows of P computed (the cost that matters in fast mode)
+        self._memo = None
 
     @classmethod
     def build(cls, emb: torch.Tensor, anchor_ids: torch.Tensor, temperature: float = TEMPERATURE,
@@ -169,12 +172,37 @@ class LowRankTransfer:
             self.cache_rows * self.num_anchors * 4
 
     def compute_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        self.computed += len(ids)
         logits = self.unit_emb[ids] @ self.anchors_t
         logits.mul_((self.inv_norm[ids] * self.temperature)[:, None])
         return logits.sub_(self.log_z[ids][:, None]).exp_()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of P for `ids` (distinct), through an LRU cache of recent rows."""
+        """Rows of P for `ids` (distinct). The rows of the previous call are kept until the next
+        one: the main member's relative vectors and its search ask for nearly the same tokens
+        one after the other (and so do consecutive steps), more than the LRU cache holds at
+        large batches."""
+        memo, self._memo = self._memo, None
+        if memo is not None and len(ids) and len(memo[0]):
+            known, known_rows = memo
+            pos = torch.searchsorted(known, ids).clamp_(max=len(known) - 1)
+            hit = known[pos] == ids
+            self.memo_hits += int(hit.sum())
+            if len(ids) == len(known) and bool(hit.all()):
+                out = known_rows  # the same tokens again: no copy
+            else:  # one gather; the misses' rows are then written over
+                out = known_rows.index_select(0, pos)
+                miss = (~hit).nonzero().squeeze(1)
+                if len(miss):
+                    out.index_copy_(0, miss, self._cached_rows(ids[miss]))
+        else:
+            out = self._cached_rows(ids)
+        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # sorted (torch.unique's order)
+            self._memo = (ids, out)
+        return out
+
+    def _cached_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of P through an LRU cache of recent rows."""
         if self.cache_rows <= 0:
             return self.compute_rows(ids)
         if self._cache.shape[0] == 0:

@@ -15,6 +15,7 @@ whose relative row is P's mean row.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 PAD_LOGIT = -1.0e4  # padding entries of a batched fast search: softmax weight exactly 0
+GATHER_BYTES = int(float(os.environ.get("DEEPEN_SEARCH_GATHER_MB", "2048")) * 2**20)  # see search_fast
 
 
 @dataclass(frozen=True)
@@ -153,13 +155,21 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     tail_lse = torch.logsumexp(tail_logit, dim=1, keepdim=True)
     tail_row = torch.softmax(tail_logit, dim=1) @ transfer.cluster_rows
 
+    # each row's own rows of P, gathered once (B x k x |A|): an iteration then costs B*k*|A|
+    # instead of B*|union of supports|*|A|, k times B less at large batches
+    per_row = basis[index] if rows_n * k_max * basis.shape[1] * 4 <= GATHER_BYTES else None
+
+    def product(sigma):
+        if per_row is not None:
+            return torch.bmm(sigma[:, None, :], per_row).squeeze(1)
+        return torch.zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma) @ basis
+
     z = torch.where(live, start, torch.full_like(start, PAD_LOGIT))
     z.requires_grad_(True)
     opt, sched = _optimizer(z, s)
     for _ in range(s.steps):
         sigma = torch.softmax(torch.cat([z, tail_lse], dim=1), dim=-1)
-        weights = torch.zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma[:, :-1])
-        q = weights @ basis + sigma[:, -1:] * tail_row
+        q = product(sigma[:, :-1]) + sigma[:, -1:] * tail_row
         kl_mean_per_row(r, q).backward()
         opt.step()
         sched.step()

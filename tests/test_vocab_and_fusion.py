@@ -1,6 +1,7 @@
 """Anchors across tokenizer families, the anchors cache, and fusion on the tiny members."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from runtime.anchors import build_anchor_cache, cached_entry, load_transfers
 from runtime.config import load_config
@@ -120,3 +121,36 @@ def test_fusion_changes_some_tokens_and_decode_stays_consistent(tiny, home):
     for r in rows:
         assert r.text == members[0].tokenizer.decode(r.ids)
         assert r.finish in ("eos", "length", "stop")
+
+
+@given(calls=st.lists(st.lists(st.integers(0, 599), min_size=1, max_size=80), min_size=1, max_size=6))
+@settings(max_examples=25, deadline=None)
+def test_row_memo_and_cache_return_exact_rows(calls):
+    """Whatever the sequence of requests, rows() returns the rows of P (computed in another batch
+    shape, so equal to float rounding), and never computes more rows than asking
+    compute_rows for everything would."""
+    from runtime.relative import LowRankTransfer
+    torch.manual_seed(0)
+    t = LowRankTransfer.build(torch.randn(600, 12), torch.arange(0, 600, 4), cache_rows=32, clusters=4)
+    asked = 0
+    for ids in calls:
+        ids = torch.unique(torch.tensor(ids))
+        torch.testing.assert_close(t.rows(ids), t.compute_rows(ids), rtol=1e-5, atol=1e-9)
+        asked += len(ids)
+    assert t.computed - asked <= asked  # (compute_rows above counts too: asked of them)
+
+
+def test_search_gathered_per_row_equals_the_dense_product(monkeypatch):
+    from runtime import search
+    from runtime.relative import LowRankTransfer
+    torch.manual_seed(1)
+    t = LowRankTransfer.build(torch.randn(400, 16), torch.arange(0, 400, 2), clusters=8)
+    logits = torch.randn(5, 400) * 3
+    r = torch.softmax(torch.randn(5, 200), -1)
+    s = search.SearchSettings(eta=0.3, steps=5)
+    include = torch.tensor([3, 7, 11])
+    tokens, stats = search.search_fast(logits, r, t, s, 1e-3, 64, include)
+    monkeypatch.setattr(search, "GATHER_BYTES", 0)
+    dense_tokens, dense_stats = search.search_fast(logits, r, t, s, 1e-3, 64, include)
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(stats["include_logits"], dense_stats["include_logits"])
