@@ -197,7 +197,8 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
 @click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True)
 @click.option("--method", "method_spec", default="single,deepen-avg,minED", show_default=True,
               help="comma list: single, single:<member>, deepen, deepen-avg, deepen-adapt, minED, "
-                   "vote, mbr, deepen+vote, deepen+mbr")
+                   "vote, mbr, deepen+vote, deepen+mbr; variant: deepen-letters (choice mode: every "
+                   "member restricted to the option letters)")
 @click.option("--limit", default=0, show_default=True, help="a seeded random sample of N questions (0: all)")
 @click.option("--seed", default=0, show_default=True, help="the sample's seed")
 @click.option("--data", type=click.Path(dir_okay=False, exists=True),
@@ -218,6 +219,8 @@ def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, e
              batch, max_new_tokens, resume, overwrite, threads):
     """Score methods on one benchmark (the paper's prompts, shots, stops, answer extraction and
     metric): per-question JSONL and summary.json under --out/<task>-<split>[-free]."""
+    import dataclasses
+
     import torch
     from runtime import evaluate as ev
     from runtime.baselines import cached_min_edit_map
@@ -261,6 +264,13 @@ def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, e
         methods, members, lambda w: make_fuser(cfg, members, entry, fusion), cfg.eta if len(etas) > 1 else etas[0],
         adapt, lambda: [None] + [cached_min_edit_map(members[0], m, m.model.get_output_embeddings().weight.shape[0], home)
                                  for m in members[1:]])
+    if eta_spec == "dev":  # a variant with its own dev sweep uses its own best eta
+        for m, (_, fuser) in fusers.items():
+            if m.startswith("deepen-letters"):
+                try:
+                    fuser.search = dataclasses.replace(fuser.search, eta=ev.best_dev_eta(out, t, "deepen-letters"))
+                except ValueError:
+                    pass
     meta = {"eta": etas[0], "max_new_tokens": max_new_tokens}
     for m, (_, fuser) in fusers.items():
         if m.startswith("deepen") or m == "minED":

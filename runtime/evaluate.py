@@ -57,7 +57,10 @@ def parse_methods(spec: str, member_names: list[str], etas: list[float]) -> list
             if raw[7:] not in member_names:
                 raise ValueError(f"--method {raw}: no member named {raw[7:]!r} (members: {', '.join(member_names)})")
             add(raw)
-        elif raw in ("deepen", "deepen-avg", "deepen-adapt"):
+        elif raw in ("deepen", "deepen-avg", "deepen-adapt", "deepen-letters"):
+            if raw == "deepen-letters":
+                for n in member_names:
+                    add(f"single:{n}")
             for eta in etas:
                 name = raw if len(etas) == 1 else f"{raw}@{eta:g}"
                 deepens.append(name)
@@ -73,9 +76,14 @@ def parse_methods(spec: str, member_names: list[str], etas: list[float]) -> list
             add(raw)
         else:
             raise ValueError(f"--method: unknown method {raw!r} (single, single:<member>, deepen, "
-                             f"deepen-avg, deepen-adapt, minED, {', '.join(COMBINERS)})")
-    # engine methods first, combiners last (they read the others' files)
-    return [m for m in out if m not in COMBINERS] + [m for m in out if m in COMBINERS]
+                             f"deepen-avg, deepen-adapt, deepen-letters, minED, {', '.join(COMBINERS)})")
+    # engine methods first, then what reads their files
+    return [m for m in out if not reads_others(m)] + [m for m in out if reads_others(m)]
+
+
+def reads_others(method: str) -> bool:
+    """Combiners and the letters variant run after the single members, from their files."""
+    return method in COMBINERS or method.startswith("deepen-letters")
 
 
 def method_eta(name: str, default: float) -> float:
@@ -155,6 +163,8 @@ def method_fusers(methods: list[str], members, make_fuser, eta: float, adapt: di
             fuser.search = replace(fuser.search, eta=method_eta(m, eta))
             if kind == "deepen-avg":
                 fuser.weights = [1 / len(members)] * len(members)
+            elif kind == "deepen-letters":
+                fuser.weights = [1 / len(members)] * len(members)
             elif kind == "deepen-adapt":
                 fuser.weights = [adapt["weights"][x.name] for x in members]
             out[m] = (members, fuser)
@@ -211,7 +221,7 @@ class Evaluation:
                 "correct": score(self.task, answer, g), **extra}
 
     def run(self):
-        engine_methods = [m for m in self.methods if m not in COMBINERS]
+        engine_methods = [m for m in self.methods if not reads_others(m)]
         if self.mode == "choice":
             self.run_choice(engine_methods)
         else:
@@ -220,6 +230,8 @@ class Evaluation:
         for m in self.methods:
             if m in COMBINERS:
                 self.run_combiner(m)
+            elif reads_others(m):
+                self.run_letters(m)
 
     # -- multiple choice: one prefill per question and member, every method from it
     def run_choice(self, methods: list[str]):
@@ -318,6 +330,41 @@ class Evaluation:
         seconds = time.perf_counter() - t0
         self.summarize(method, seconds, extra={"generated_tokens": tokens,
                                                 "tokens_per_s": round(tokens / seconds, 3) if seconds else None})
+
+    # -- a variant: DEEPEN over the option letters only
+    def run_letters(self, method: str):
+        """DEEPEN with every member's distribution restricted to the option letters (candidate
+        restriction, off unless asked for): each member's letter logits, read from its single
+        run, become a distribution over its ' A'..' D' tokens; those go to relative space,
+        are averaged, and the main member's letters are searched. Choice mode only."""
+        if self.mode != "choice":
+            raise ValueError(f"{method}: only for multiple-choice tasks in choice mode")
+        t0 = time.perf_counter()
+        fuser = self.fusers[method][1]
+        singles = [{r["id"]: r["letter_logits"] for r in _read(self.path(f"single:{m.name}"))}
+                   for m in self.members]
+        ids = [letter_ids(m.tokenizer, self.task.letters) for m in self.members]
+        sizes = [m.model.get_output_embeddings().weight.shape[0] for m in self.members]
+        todo = [q["index"] for q in self.questions if q["index"] not in self.done[method]
+                and all(q["index"] in s for s in singles)]
+        writer = ResultWriter(self.path(method), append=True)
+        include = torch.tensor([g[0] for g in ids[0]])
+        try:
+            for start in range(0, len(todo), 64):
+                chunk = todo[start:start + 64]
+                logits = []
+                for s, member_ids, size in zip(singles, ids, sizes):
+                    full = torch.full((len(chunk), size), -1.0e4)  # probability exactly 0 in fp32
+                    full[:, [g[0] for g in member_ids]] = torch.tensor([s[i] for i in chunk])
+                    logits.append(full)
+                scores = fuser.step(logits, include=include).include_logits
+                for row, i in enumerate(chunk):
+                    answer = self.task.letters[int(scores[row].argmax())]
+                    writer.write(self.record(method, i, answer, prediction=answer,
+                                             letter_logits=[round(float(x), 4) for x in scores[row]]))
+        finally:
+            writer.close()
+        self.summarize(method, time.perf_counter() - t0, extra={"variant": "letters only"})
 
     # -- answer-level combiners over the files the engine methods wrote
     def run_combiner(self, method: str):

@@ -22,7 +22,7 @@ for task in triviaqa nq; do
      --method single,deepen-avg,deepen-adapt,minED,mbr,deepen+mbr
 done
 # GSM8K: chain of thought, up to 512 new tokens per question: a small sample (see the README)
-$E --task gsm8k --split dev --limit ${GSM_DEV:-20} --method single --batch 16
-$E --task gsm8k --split test --limit ${GSM_TEST:-40} --batch 16 --max-new-tokens ${GSM_TOKENS:-256} \
+$E --task gsm8k --split dev --limit ${GSM_DEV:-20} --method single --batch 16 --max-new-tokens ${GSM_TOKENS:-192}
+$E --task gsm8k --split test --limit ${GSM_TEST:-20} --batch 16 --max-new-tokens ${GSM_TOKENS:-192} \
    --method single,deepen-avg,deepen-adapt,minED,vote,deepen+vote
 deepen report $OUT --out docs/results/eval

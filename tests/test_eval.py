@@ -276,3 +276,17 @@ def test_report_table_deltas():
     text = table(data, "test")
     assert "| deepen-avg | 62.00 (+2.00) | 3.00 (-1.00) | 1 wins, 1 losses > 0.5 |" in text
     assert "| questions | 100 | 50 | |" in text and "| mode | choice | generate | |" in text
+
+
+def test_letters_variant_with_eta_zero_is_the_main_member(tiny, tmp_path):
+    """deepen-letters reads the members' letter logits from their single runs; with eta 0 there is
+    no fusion, so it must answer exactly as the main member alone."""
+    _, _, _, home = tiny
+    res = _eval(home, tmp_path, "--task", "arc_challenge", "--split", "dev", "--limit", "6",
+                "--method", "deepen-letters", "--eta", "0,0.5")
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "arc_challenge-dev"
+    read = lambda name: {json.loads(l)["id"]: json.loads(l)["answer"] for l in (folder / name).read_text().splitlines()}
+    main = read("single=tiny-sp.jsonl")
+    assert read("deepen-letters@0.jsonl") == main and len(main) == 6
+    assert set(read("deepen-letters@0.5.jsonl").values()) <= set("ABCD")
