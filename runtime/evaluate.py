@@ -392,7 +392,9 @@ class Evaluation:
         self.summarize(method, 0.0, extra={"voters": voters})
 
     def summarize(self, method: str, seconds: float, extra: dict | None = None):
-        rows = _read(self.path(method))
+        """Counts over this run's questions (a file resumed with another sample may hold more)."""
+        wanted = set(self.prompts)
+        rows = [r for r in _read(self.path(method)) if r["id"] in wanted]
         correct = sum(r["correct"] for r in rows)
         previous = read_summary(self.folder).get(method, {})
         total_seconds = previous.get("seconds", 0.0) + seconds if self.done.get(method) else seconds

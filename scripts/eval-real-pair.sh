@@ -12,17 +12,20 @@ E="deepen eval --config $C --out $OUT --resume"
 
 for task in piqa arc_challenge mmlu; do
   # dev: the members alone (DEEPEN-Adapt's weights) and the eta sweep, from one prefill per question
-  $E --task $task --split dev --limit $DEV --method single,deepen-avg --eta $ETAS
+  dev=$DEV; [ $task = mmlu ] && dev=${MMLU_DEV:-100}  # MMLU's 5-shot prompts are 4x longer
+  $E --task $task --split dev --limit $dev --method single,deepen-avg --eta $ETAS
   $E --task $task --split test --limit $TEST --eta dev \
      --method single,deepen-avg,deepen-adapt,minED,vote,deepen+vote
+  # the letters-only variant, from the singles' files (no extra prefill)
+  $E --task $task --split dev --limit $dev --method deepen-letters --eta $ETAS
+  $E --task $task --split test --limit $TEST --method deepen-letters --eta dev
 done
 for task in triviaqa nq; do
-  $E --task $task --split dev --limit ${QA_DEV:-100} --method single,deepen-avg --eta ${QA_ETAS:-0.15,0.6}
+  $E --task $task --split dev --limit ${QA_DEV:-60} --method single,deepen-avg --eta ${QA_ETAS:-0.15,0.6}
   $E --task $task --split test --limit $TEST --eta dev --batch 16 \
      --method single,deepen-avg,deepen-adapt,minED,mbr,deepen+mbr
 done
 # GSM8K: chain of thought, up to 512 new tokens per question: a small sample (see the README)
-$E --task gsm8k --split dev --limit ${GSM_DEV:-20} --method single --batch 16 --max-new-tokens ${GSM_TOKENS:-192}
-$E --task gsm8k --split test --limit ${GSM_TEST:-20} --batch 16 --max-new-tokens ${GSM_TOKENS:-192} \
-   --method single,deepen-avg,deepen-adapt,minED,vote,deepen+vote
+$E --task gsm8k --split test --limit ${GSM_TEST:-20} --batch 20 --max-new-tokens ${GSM_TOKENS:-192} \
+   --method single,deepen-avg,minED,vote,deepen+vote
 deepen report $OUT --out docs/results/eval
