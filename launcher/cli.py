@@ -356,6 +356,19 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
             click.echo(f"plot: {path}")
 
 
+@main.command("bench-compare", cls=Command)
+@click.argument("first", type=click.Path(dir_okay=False, exists=True))
+@click.argument("second", type=click.Path(dir_okay=False, exists=True))
+def bench_compare(first, second):
+    """Do two `deepen bench --output` results agree within the noise they report (their
+    min..max tokens/s ranges overlap for every batch size and series)? Exit status 1 if not."""
+    from runtime.bench import compare_runs
+    text, ok = compare_runs(json.loads(Path(first).read_text()), json.loads(Path(second).read_text()))
+    click.echo(text)
+    click.echo("agree within the reported noise" if ok else "DIFFER beyond the reported noise")
+    sys.exit(0 if ok else 1)
+
+
 @main.group(cls=Group)
 def measure():
     """Measurements of the fusion on real members (agreement, step time)."""

@@ -83,3 +83,14 @@ def test_lane_ids_and_cache_follow_committed_text(tiny, prompts, appends):
                 assert member.tokenizer.decode(lane.ids[s], skip_special_tokens=True) == full
                 assert int(lane.mask[s].sum()) == len(lane.ids[s])
                 assert torch.allclose(lane.logits[s], full_logits(member, lane.ids[s]), atol=1e-4)
+
+
+def test_bench_compare_flags_runs_outside_each_others_noise():
+    from runtime.bench import compare_runs
+    spread = lambda lo, med, hi: {"min": lo, "median": med, "max": hi}
+    run = lambda e: {"batches": [{"batch": 8, "ensemble": {"tokens_per_s": e},
+                                  "members": {"m": {"tokens_per_s": spread(9, 10, 11)}}}]}
+    text, ok = compare_runs(run(spread(3.0, 3.2, 3.4)), run(spread(3.3, 3.5, 3.6)))
+    assert ok and "| 8 | ensemble | 3.00 / 3.20 / 3.40 | 3.30 / 3.50 / 3.60 | +9.4% | yes |" in text
+    text, ok = compare_runs(run(spread(3.0, 3.2, 3.4)), run(spread(3.5, 3.6, 3.7)))
+    assert not ok and "| NO |" in text
