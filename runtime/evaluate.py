@@ -397,11 +397,15 @@ class Evaluation:
         rows = [r for r in _read(self.path(method)) if r["id"] in wanted]
         correct = sum(r["correct"] for r in rows)
         previous = read_summary(self.folder).get(method, {})
-        total_seconds = previous.get("seconds", 0.0) + seconds if self.done.get(method) else seconds
+        resumed = bool(self.done.get(method))
+        total_seconds = previous.get("seconds", 0.0) + seconds if resumed else seconds
+        extra = dict(extra or {})
+        if resumed and "pass_seconds" in extra:  # one prefill pass for all choice methods
+            extra["pass_seconds"] = round(previous.get("pass_seconds", 0.0) + extra["pass_seconds"], 2)
         entry = {"task": self.task.name, "split": self.split, "method": method, "mode": self.mode,
                  "questions": len(rows), "correct": correct,
                  "accuracy": correct / len(rows) if rows else 0.0,
-                 "seconds": round(total_seconds, 2), **self.meta.get(method, {}), **(extra or {})}
+                 "seconds": round(total_seconds, 2), **self.meta.get(method, {}), **extra}
         if "eta" not in entry and method.startswith("deepen") and method not in COMBINERS:
             entry["eta"] = method_eta(method, self.meta["eta"])
         write_summary(self.folder, method, entry)

@@ -81,12 +81,16 @@ def table(data: dict, split: str) -> str:
                 etas.append(f"{c} {m}: eta {v['eta']:g}" + (f", weights {v['weights']}" if "adapt" in m else ""))
     if etas:
         lines += ["", "DEEPEN settings: " + "; ".join(etas) + "."]
-    timing = []
+    lines += ["", "| task | wall time | questions | questions / min | generation tok/s per method |",
+              "|---|---|---|---|---|"]
     for c in cols:
-        secs = sum(v.get("seconds", 0.0) for v in data[c].values())
-        n = max(v["questions"] for v in data[c].values())
-        timing.append(f"{c}: {secs / 60:.1f} min for {n} questions")
-    lines += ["", "Time (sum over methods; shared prefills counted per method): " + "; ".join(timing) + "."]
+        entries = data[c]
+        n = max(v["questions"] for v in entries.values())
+        passes = [v["pass_seconds"] for v in entries.values() if "pass_seconds" in v]
+        # choice mode: one prefill pass serves every method; generation: one run per method
+        secs = max(passes) if passes else sum(v.get("seconds", 0.0) for v in entries.values())
+        rates = ", ".join(f"{m} {v['tokens_per_s']:.1f}" for m, v in entries.items() if v.get("tokens_per_s"))
+        lines.append(f"| {c} | {secs / 60:.1f} min | {n} | {n / max(secs / 60, 1e-9):.1f} | {rates or '-'} |")
     return "\n".join(lines)
 
 
