@@ -2,7 +2,7 @@
 # The real-pair evaluation behind docs/results/eval (SmolLM2-135M + Gemma-3-270M, main Gemma-3).
 # Every step resumes: rerun the script after an interruption and finished questions are kept.
 # Sizes are set by what a 2-core CPU does in a session (TEST=500 per multiple-choice task,
-# QA_TEST=150 for TriviaQA/NQ, GSM_TEST=10); see docs/results/eval/README.md.
+# QA_TEST=100 for TriviaQA/NQ, GSM_TEST=10); see docs/results/eval/README.md.
 set -euo pipefail
 C=${CONFIG:-configs/smol-gemma.toml}
 OUT=${OUT:-results/smol-gemma}
@@ -22,8 +22,8 @@ for task in piqa arc_challenge mmlu; do
   $E --task $task --split test --limit $TEST --method deepen-letters --eta dev
 done
 for task in triviaqa nq; do
-  $E --task $task --split dev --limit ${QA_DEV:-60} --method single,deepen-avg --eta ${QA_ETAS:-0.15,0.6}
-  $E --task $task --split test --limit ${QA_TEST:-150} --eta dev --batch 16 \
+  $E --task $task --split dev --limit ${QA_DEV:-40} --method single,deepen-avg --eta ${QA_ETAS:-0.15,0.6}
+  $E --task $task --split test --limit ${QA_TEST:-100} --eta dev --batch 16 \
      --method single,deepen-avg,deepen-adapt,minED,mbr,deepen+mbr
 done
 # GSM8K: chain of thought, up to 512 new tokens per question: a small sample (see the README)
