@@ -48,6 +48,27 @@ def _fail_job(world, heartbeat, what: str):
     _die(world.describe, f"{what} -- {why}")
 
 
+def _config_and_threads(config_path, threads):
+    """Load the config and its rank layout (a bad one ends this rank with one line, status 2),
+    and share the cores among the local ranks. Returns (config, layout, this rank's name)."""
+    import torch
+
+    from runtime.config import ConfigError, load_config
+    from runtime.distributed import layout_for
+
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))))
+    who = f"rank {rank}"
+    try:
+        cfg = load_config(config_path)
+        layout = layout_for(cfg)
+        who = layout.describe(rank) if rank < layout.world_size else who
+    except (ConfigError, ValueError) as e:
+        _die(who, e, 2)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    return cfg, layout, who
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False))
@@ -70,23 +91,12 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
 
     import torch
 
-    from runtime.config import ConfigError, load_config
-    from runtime.distributed import (DistributedEngine, Heartbeat, broadcast_message, init_world, layout_for,
-                                     shard_member)
+    from runtime.distributed import DistributedEngine, Heartbeat, broadcast_message, init_world, shard_member
     from runtime.ensemble import anchors_entry, load_members, make_fuser
     from runtime.jobs import ResultWriter, finished_ids, read_requests
     from runtime.members import load_model
 
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))))
-    who = f"rank {rank}"
-    try:
-        cfg = load_config(config_path)
-        layout = layout_for(cfg)
-        who = layout.describe(rank) if rank < layout.world_size else who
-    except (ConfigError, ValueError) as e:
-        _die(who, e, 2)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    cfg, layout, who = _config_and_threads(config_path, threads)
 
     heartbeat = None
     try:
@@ -232,21 +242,11 @@ def _start(config_path, timeout, threads):
     """Join the world, load and shard this rank's member, load its transfer (leaders)."""
     import torch
 
-    from runtime.config import ConfigError, load_config
-    from runtime.distributed import Heartbeat, init_world, layout_for, shard_member
+    from runtime.distributed import Heartbeat, init_world, shard_member
     from runtime.ensemble import anchors_entry, load_members, make_fuser
     from runtime.members import load_model
 
-    rank = int(os.environ.get("RANK", "0"))
-    who = f"rank {rank}"
-    try:
-        cfg = load_config(config_path)
-        layout = layout_for(cfg)
-        who = layout.describe(rank) if rank < layout.world_size else who
-    except (ConfigError, ValueError) as e:
-        _die(who, e, 2)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    cfg, layout, who = _config_and_threads(config_path, threads)
     try:
         world = init_world(layout, timeout)
         heartbeat = Heartbeat(world, on_dead=lambda why: _die(world.describe, f"stopping: {why}"))
