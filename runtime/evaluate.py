@@ -18,7 +18,6 @@ fusion. `generate`: free generation through the decoding engine, answer read off
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .baselines import MinEDFuser, cached_min_edit_map, mbr, vote
+from .baselines import MinEDFuser, mbr, vote
 from .engine import Engine, Request
 from .fusion import Fuser, aggregate
 from .jobs import ResultWriter, finished_ids
@@ -430,10 +429,3 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="q", disable=not enabled, mininterval=2)
 
-
-def mean_ci(correct: int, n: int) -> float:
-    """Half-width of a 95% normal-approximation interval on an accuracy, in points."""
-    if n == 0:
-        return 0.0
-    p = correct / n
-    return 196 * math.sqrt(p * (1 - p) / n)
