@@ -327,14 +327,12 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
                   reference_tokens, output, plots):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
     from one run, with the share of step time in each part (min/median/max over --repeat)."""
-    from runtime.bench import bench, plot, table
+    from runtime.bench import bench, bench_prompts, plot, table
     from runtime.ensemble import anchors_entry, load_members, make_fuser
-    from runtime.jobs import read_requests
-    from runtime.prompts import qa_prompts
     cfg = load_config(config)
     members = load_members(cfg, log=lambda m: click.echo(m, err=True))
     fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
-    prompts = [r.prompt for r in read_requests(prompts_path)] if prompts_path else qa_prompts("triviaqa", "dev", 32)
+    prompts = bench_prompts(prompts_path)
     exact = None
     if "exact" in compare:
         from runtime.anchors import dense_budget

@@ -193,21 +193,17 @@ def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, tim
 
     import torch
 
-    from runtime.bench import rank_run, rank_table, summarize_ranks
+    from runtime.bench import batch_of, bench_prompts, rank_run, rank_table, summarize_ranks
     from runtime.distributed import DistributedEngine, broadcast_message, gather_messages
     from runtime.engine import Request
 
     world, heartbeat, layout, members, fuser = _start(config_path, timeout, threads)
     try:
-        prompts = None
-        if world.rank == 0:
-            from runtime.jobs import read_requests
-            from runtime.prompts import qa_prompts
-            prompts = [r.prompt for r in read_requests(prompts_path)] if prompts_path else qa_prompts("triviaqa", "dev", 32)
+        prompts = bench_prompts(prompts_path) if world.rank == 0 else None
         prompts = broadcast_message({"prompts": prompts})["prompts"]
 
         def once(size: int, tokens: int) -> dict:
-            chosen = (prompts * (size // len(prompts) + 1))[:size]
+            chosen = batch_of(prompts, size)
             engine = DistributedEngine(members, fuser, world, size)
             fuser.seconds.clear()
             torch.distributed.barrier()

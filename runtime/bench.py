@@ -13,6 +13,21 @@ from .ensemble import single_fuser
 from .reference import reference_decode
 
 
+def bench_prompts(path=None) -> list[str]:
+    """The prompts a bench decodes: a JSON-lines file's 'prompt' fields, or by default 32
+    TriviaQA dev 5-shot prompts (long enough that prefill and the cache matter)."""
+    if path:
+        from .jobs import read_requests
+        return [r.prompt for r in read_requests(path)]
+    from .prompts import qa_prompts
+    return qa_prompts("triviaqa", "dev", 32)
+
+
+def batch_of(prompts: list[str], size: int) -> list[str]:
+    """`size` prompts, cycling through the list when the batch is larger than it."""
+    return (prompts * (size // len(prompts) + 1))[:size]
+
+
 def _spread(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
@@ -48,7 +63,7 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
     run_engine(members, fuser, prompts[:2], 2, 2)
     out = {"new_tokens": new_tokens, "repeat": repeat, "batches": []}
     for batch in batches:
-        chosen = (prompts * (batch // len(prompts) + 1))[:batch]
+        chosen = batch_of(prompts, batch)
         row = {"batch": batch}
         runs = []
         for r in range(repeat):
