@@ -5,9 +5,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from runtime.config import load_config
 from runtime.engine import Engine, Request
-from runtime.ensemble import anchors_entry, load_members, make_fuser
+from runtime.ensemble import make_fuser
 from runtime.lanes import Lane
 from runtime.reference import reference_decode
 
@@ -17,18 +16,9 @@ PROMPTS = ["The cat sees", "a dog likes the", "def f(x):\n    return", "café na
            "the model builds the answer in the morning", "1, 2, 3,"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    cfg = load_config(ROOT / "configs" / "tiny.toml")
-    members = load_members(cfg, home=home, log=lambda *a: None)
-    entry = anchors_entry(cfg, members, home, progress=False)
-    return cfg, members, entry
-
-
 @pytest.mark.parametrize("mode,batch", [("exact", 3), ("exact", 8), ("fast", 4)])
 def test_engine_matches_reference_loop(tiny, mode, batch):
-    cfg, members, entry = tiny
+    cfg, members, entry, _ = tiny
     stop = ("\n\n",)
     want = reference_decode(members, make_fuser(cfg, members, entry, mode), PROMPTS, 12, stop)
     engine = Engine(members, make_fuser(cfg, members, entry, mode), max_batch=batch)
@@ -41,7 +31,7 @@ def test_engine_matches_reference_loop(tiny, mode, batch):
 
 
 def test_results_carry_counts(tiny):
-    cfg, members, entry = tiny
+    cfg, members, entry, _ = tiny
     engine = Engine(members, make_fuser(cfg, members, entry, "fast"), max_batch=2)
     results = engine.run([Request("a", "The cat", 5, (), {"topic": "x"})])
     record = results[0].record()
@@ -67,7 +57,7 @@ TEXT = st.text(alphabet=st.characters(blacklist_characters="\u2581", blacklist_c
 def test_lane_ids_and_cache_follow_committed_text(tiny, prompts, appends):
     """After every sync + forward, each slot's ids are the member's encoding of its template +
     committed text, decode back to exactly it, and the cached logits equal a no-cache pass."""
-    _, members, _ = tiny
+    members = tiny.members
     prompts = [p or "x" for p in prompts]
     for member in members:
         lane = Lane(member)

@@ -152,19 +152,8 @@ def test_bad_question_file_names_the_line(tmp_path):
 
 # ---- on the tiny members ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from runtime.config import load_config
-    from runtime.ensemble import anchors_entry, load_members
-    home = tmp_path_factory.mktemp("home")
-    cfg = load_config(ROOT / "configs" / "tiny.toml")
-    members = load_members(cfg, home=home, log=lambda *a: None)
-    entry = anchors_entry(cfg, members, home, progress=False)
-    return cfg, members, entry, home
-
-
 def test_prefill_matches_a_plain_forward(tiny):
-    _, members, _, _ = tiny
+    members = tiny.members
     prompts = ["Question: a?\nA. x\nB. y\nAnswer:", "goal\nA. one\nB. two words here\nAnswer:"]
     for m in members:
         got = prefill(m, prompts)
@@ -194,7 +183,7 @@ def test_choice_scores_fast_full_support_equal_exact(tiny):
 
 def test_min_edit_map_on_tiny_tokenizers(tiny):
     from runtime.vocab import token_bytes
-    _, members, _, _ = tiny
+    members = tiny.members
     main, assist = token_bytes(members[0].tokenizer), token_bytes(members[1].tokenizer)
     mapping = min_edit_map(assist, main, members[1].eos_token_id, members[0].eos_token_id, len(assist))
     first = {}
@@ -221,7 +210,7 @@ def _eval(home, out, *args):
 
 
 def test_eval_end_to_end_resume_and_report(tiny, tmp_path):
-    _, _, _, home = tiny
+    home = tiny.home
     out = tmp_path / "res"
     common = ["--task", "piqa", "--method", "single,deepen-avg,minED,vote,deepen+vote"]
     first = _eval(home, out, *common, "--split", "dev", "--limit", "4")
@@ -257,7 +246,7 @@ def test_eval_end_to_end_resume_and_report(tiny, tmp_path):
 
 
 def test_eval_generate_mode_reads_letters_from_text(tiny, tmp_path):
-    _, _, _, home = tiny
+    home = tiny.home
     res = _eval(home, tmp_path, "--task", "arc_challenge", "--split", "dev", "--limit", "3",
                 "--method", "single:tiny-sp", "--mode", "generate")
     assert res.returncode == 0, res.stderr
@@ -281,7 +270,7 @@ def test_report_table_deltas():
 def test_letters_variant_with_eta_zero_is_the_main_member(tiny, tmp_path):
     """deepen-letters reads the members' letter logits from their single runs; with eta 0 there is
     no fusion, so it must answer exactly as the main member alone."""
-    _, _, _, home = tiny
+    home = tiny.home
     res = _eval(home, tmp_path, "--task", "arc_challenge", "--split", "dev", "--limit", "6",
                 "--method", "deepen-letters", "--eta", "0,0.5")
     assert res.returncode == 0, res.stderr

@@ -3,7 +3,6 @@
 import time
 
 import pytest
-import torch
 
 from runtime.config import parse_config
 from runtime.ensemble import anchors_entry, load_members, make_fuser

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from runtime.anchors import build_anchor_cache, cached_entry, load_transfers
+from runtime.anchors import cached_entry, load_transfers
 from runtime.config import load_config
 from runtime.ensemble import anchors_entry, load_members, make_fuser
 from runtime.reference import reference_decode
