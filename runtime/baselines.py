@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .fusion import StepResult
-from .vocab import _first_ids, token_bytes
+from .vocab import ids_by_bytes, token_bytes
 
 
 def _as_text(b: bytes) -> str:
@@ -29,7 +29,7 @@ def min_edit_map(assist_bytes: list[bytes | None], main_bytes: list[bytes | None
     padding ids: their probability is dropped). Ties go to the lower (more frequent) main id."""
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
-    exact = _first_ids(main_bytes)
+    exact = ids_by_bytes(main_bytes)
     choices = {i: _as_text(b) for i, b in enumerate(main_bytes) if b}
     mapping = torch.full((size,), -1, dtype=torch.long)
     missing = []

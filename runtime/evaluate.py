@@ -31,7 +31,7 @@ from .fusion import Fuser, aggregate
 from .jobs import ResultWriter, finished_ids
 from .lanes import Lane
 from .tasks import Task, build_prompt, extract, gold, load_demos, score, token_f1
-from .vocab import _first_ids, token_bytes
+from .vocab import ids_by_bytes, token_bytes
 
 COMBINERS = ("vote", "mbr", "deepen+vote", "deepen+mbr")
 
@@ -174,7 +174,7 @@ def method_fusers(methods: list[str], members, make_fuser, eta: float, adapt: di
 
 def letter_ids(tokenizer, letters: str) -> list[list[int]]:
     """Per letter, the single tokens that spell it after 'Answer:' (' A' and 'A')."""
-    index = _first_ids(token_bytes(tokenizer))
+    index = ids_by_bytes(token_bytes(tokenizer))
     out = []
     for letter in letters:
         ids = [index[b] for b in (f" {letter}".encode(), letter.encode()) if b in index]

@@ -84,7 +84,8 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
-def _first_ids(vocab_bytes: list[bytes | None]) -> dict[bytes, int]:
+def ids_by_bytes(vocab_bytes: list[bytes | None]) -> dict[bytes, int]:
+    """Each token's bytes -> its lowest id (a vocabulary can spell the same bytes twice)."""
     index: dict[bytes, int] = {}
     for i, b in enumerate(vocab_bytes):
         if b and b not in index:
@@ -94,7 +95,7 @@ def _first_ids(vocab_bytes: list[bytes | None]) -> dict[bytes, int]:
 
 def find_anchors(vocabs: list[list[bytes | None]], max_anchors: int = 0) -> torch.Tensor:
     """Anchor ids, one row per member (vocabs[0] is the main member): (N, |A|) long tensor."""
-    indexes = [_first_ids(v) for v in vocabs]
+    indexes = [ids_by_bytes(v) for v in vocabs]
     common = set(indexes[0])
     for index in indexes[1:]:
         common &= set(index)
