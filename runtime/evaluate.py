@@ -30,6 +30,7 @@ from .engine import Engine, Request
 from .fusion import Fuser, aggregate
 from .jobs import ResultWriter, finished_ids
 from .lanes import Lane
+from .prompts import read_jsonl
 from .tasks import Task, build_prompt, extract, gold, load_demos, score, token_f1
 from .vocab import ids_by_bytes, token_bytes
 
@@ -420,9 +421,7 @@ def prefill(member, prompts: list[str]) -> torch.Tensor:
 
 
 def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path) if path.exists() else []
 
 
 def _bar(total: int, desc: str, enabled: bool):

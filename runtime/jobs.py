@@ -82,7 +82,9 @@ def finished_ids(path: str | Path) -> set:
         with open(path, "r+b") as f:
             f.truncate(good)
     ids = set()
-    for number, line in enumerate(data[:good].decode("utf-8").splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and friends, which
+    # json.dumps(ensure_ascii=False) leaves raw inside a generated text
+    for number, line in enumerate(data[:good].decode("utf-8").split("\n"), start=1):
         if line.strip():
             try:
                 ids.add(json.loads(line)["id"])

@@ -51,6 +51,21 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
     assert out.read_text() == '{"id": "a", "completion": "x"}\n'
 
 
+def test_resume_reads_texts_with_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+0085 and U+001C-like separators raw in a
+    line; they are not line ends (a real TriviaQA run generated one)."""
+    from runtime.evaluate import _read
+    from runtime.jobs import ResultWriter
+    out = tmp_path / "out.jsonl"
+    texts = ["a\u2028b", "c\x85d", "e\u2029f", "g\x1ch", "plain"]
+    writer = ResultWriter(out, append=False)
+    for i, text in enumerate(texts):
+        writer.write({"id": i, "completion": text})
+    writer.close()
+    assert finished_ids(out) == set(range(len(texts)))
+    assert [r["completion"] for r in _read(out)] == texts
+
+
 def test_cli_stops_on_bad_line_before_any_work(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": 5}\n')
