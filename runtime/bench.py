@@ -64,20 +64,19 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
     out = {"new_tokens": new_tokens, "repeat": repeat, "batches": []}
     for batch in batches:
         chosen = batch_of(prompts, batch)
-        row = {"batch": batch}
-        runs = []
-        for r in range(repeat):
-            log(f"batch {batch}: ensemble {r + 1}/{repeat}")
-            runs.append(run_engine(members, fuser, chosen, batch, new_tokens))
-        row["ensemble"] = _summary(runs)
+        # one repetition of every series, then the next: a slow minute on a shared machine
+        # then slows all series alike instead of the one that happened to be running
+        series = {"ensemble": (members, fuser)}
         if "members" in compare:
-            row["members"] = {}
-            for m in members:
-                solo = []
-                for r in range(repeat):
-                    log(f"batch {batch}: {m.name} alone {r + 1}/{repeat}")
-                    solo.append(run_engine([m], single_fuser([m]), chosen, batch, new_tokens))
-                row["members"][m.name] = _summary(solo)
+            series.update({m.name: ([m], single_fuser([m])) for m in members})
+        runs = {name: [] for name in series}
+        for r in range(repeat):
+            for name, (group, f) in series.items():
+                log(f"batch {batch}: {name}{'' if name == 'ensemble' else ' alone'} {r + 1}/{repeat}")
+                runs[name].append(run_engine(group, f, chosen, batch, new_tokens))
+        row = {"batch": batch, "ensemble": _summary(runs.pop("ensemble"))}
+        if runs:
+            row["members"] = {name: _summary(v) for name, v in runs.items()}
             solo_sum = sum(v["step_s"]["median"] for v in row["members"].values())
             row["ensemble_step_over_sum_of_solo_steps"] = row["ensemble"]["step_s"]["median"] / solo_sum
         out["batches"].append(row)

@@ -84,3 +84,23 @@ def test_bench_compare_flags_runs_outside_each_others_noise():
     assert ok and "| 8 | ensemble | 3.00 / 3.20 / 3.40 | 3.30 / 3.50 / 3.60 | +9.4% | yes |" in text
     text, ok = compare_runs(run(spread(3.0, 3.2, 3.4)), run(spread(3.5, 3.6, 3.7)))
     assert not ok and "| NO |" in text
+
+
+def test_bench_interleaves_series_and_reports_each(tiny):
+    """Every series gets `repeat` runs, one repetition of all series after another, and the
+    ratios are computed from the medians it reports."""
+    from runtime.bench import bench
+    cfg, members, entry, _ = tiny
+    fuser = make_fuser(cfg, members, entry, "fast")
+    lines = []
+    out = bench(members, fuser, PROMPTS[:3], [2], new_tokens=3, repeat=2, compare=("members",),
+                log=lines.append)
+    names = [m.name for m in members]
+    order = [line.split(": ", 1)[1] for line in lines if line.startswith("batch 2")]
+    assert order == [f"{n} {r}/2" for r in (1, 2) for n in ["ensemble"] + [f"{m} alone" for m in names]]
+    row, = out["batches"]
+    assert set(row["members"]) == set(names)
+    solo = sum(v["step_s"]["median"] for v in row["members"].values())
+    assert row["ensemble_step_over_sum_of_solo_steps"] == pytest.approx(row["ensemble"]["step_s"]["median"] / solo)
+    for series in [row["ensemble"], *row["members"].values()]:
+        assert series["tokens_per_s"]["min"] <= series["tokens_per_s"]["median"] <= series["tokens_per_s"]["max"]
