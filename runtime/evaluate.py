@@ -327,9 +327,8 @@ class Evaluation:
         finally:
             bar.close()
             writer.close()
-        seconds = time.perf_counter() - t0
-        self.summarize(method, seconds, extra={"generated_tokens": tokens,
-                                                "tokens_per_s": round(tokens / seconds, 3) if seconds else None})
+        seconds = time.perf_counter() - t0 if todo else 0.0  # a resume with nothing to do took no time
+        self.summarize(method, seconds, extra={"generated_tokens": tokens})
 
     # -- a variant: DEEPEN over the option letters only
     def run_letters(self, method: str):
@@ -398,10 +397,14 @@ class Evaluation:
         correct = sum(r["correct"] for r in rows)
         previous = read_summary(self.folder).get(method, {})
         resumed = bool(self.done.get(method))
-        total_seconds = previous.get("seconds", 0.0) + seconds if resumed else seconds
+        total_seconds = round(previous.get("seconds", 0.0) + seconds if resumed else seconds, 2)
         extra = dict(extra or {})
-        if resumed and "pass_seconds" in extra:  # one prefill pass for all choice methods
-            extra["pass_seconds"] = round(previous.get("pass_seconds", 0.0) + extra["pass_seconds"], 2)
+        if resumed:  # timings add up over the runs that filled the file
+            for key in ("pass_seconds", "generated_tokens"):
+                if key in extra:
+                    extra[key] = round(previous.get(key, 0) + extra[key], 2)
+        if "generated_tokens" in extra:
+            extra["tokens_per_s"] = round(extra["generated_tokens"] / total_seconds, 3) if total_seconds else None
         entry = {"task": self.task.name, "split": self.split, "method": method, "mode": self.mode,
                  "questions": len(rows), "correct": correct,
                  "accuracy": correct / len(rows) if rows else 0.0,

@@ -255,6 +255,24 @@ def test_eval_generate_mode_reads_letters_from_text(tiny, tmp_path):
         assert r["answer"] == parse_letter(r["prediction"], "ABCD") and r["tokens"] <= 1
 
 
+def test_resumed_generation_adds_up_its_tokens_and_seconds(tiny, tmp_path):
+    """Tokens and seconds add up over the runs that filled a file; a resume with nothing left
+    to do leaves them as they were."""
+    common = ["--task", "triviaqa", "--split", "dev", "--method", "single:tiny-bpe", "--max-new-tokens", "4"]
+    entries = []
+    for limit in ("2", "3", "3"):
+        res = _eval(tiny.home, tmp_path, *common, "--limit", limit, "--resume")
+        assert res.returncode == 0, res.stderr
+        entry = json.loads((tmp_path / "triviaqa-dev" / "summary.json").read_text())["single:tiny-bpe"]
+        rows = [json.loads(l) for l in (tmp_path / "triviaqa-dev" / "single=tiny-bpe.jsonl").read_text().split("\n") if l]
+        assert entry["questions"] == len(rows) == int(limit)
+        assert entry["generated_tokens"] == sum(r["tokens"] for r in rows)
+        assert entry["tokens_per_s"] == pytest.approx(entry["generated_tokens"] / entry["seconds"], rel=0.01)
+        entries.append(entry)
+    assert entries[2] == entries[1]  # the second resume had nothing to do
+    assert entries[1]["seconds"] > entries[0]["seconds"]
+
+
 def test_report_table_deltas():
     data = {"piqa": {"single:a": {"accuracy": 0.6, "questions": 100, "mode": "choice"},
                      "single:b": {"accuracy": 0.5, "questions": 100, "mode": "choice"},
