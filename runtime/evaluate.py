@@ -136,6 +136,15 @@ def best_dev_eta(results: Path, task: Task, method: str = "deepen-avg") -> float
     return max(found)[2]
 
 
+def same_decoding(a, b) -> bool:
+    """Two DEEPEN fusers that decode identically: the same transfers, settings and weights
+    (DEEPEN-Adapt with every member at chance on dev has DEEPEN-Avg's equal weights)."""
+    return (isinstance(a, Fuser) and isinstance(b, Fuser) and a.transfers is b.transfers
+            and a.search == b.search and a.mode == b.mode and a.fast == b.fast
+            and a.eos_token_id == b.eos_token_id and len(a.weights) == len(b.weights)
+            and all(abs(x - y) < 1e-9 for x, y in zip(a.weights, b.weights)))
+
+
 def method_fusers(methods: list[str], members, make_fuser, eta: float, adapt: dict | None,
                   mined_maps=None) -> dict:
     """method -> (the members it runs, its fuser). `make_fuser(weights)` gives a DEEPEN Fuser
@@ -225,8 +234,13 @@ class Evaluation:
         if self.mode == "choice":
             self.run_choice(engine_methods)
         else:
-            for m in engine_methods:
-                self.run_generate(m)
+            for k, m in enumerate(engine_methods):
+                twin = next((t for t in engine_methods[:k]
+                             if same_decoding(self.fusers[t][1], self.fusers[m][1])), None)
+                if twin:
+                    self.copy_generation(m, twin)
+                else:
+                    self.run_generate(m)
         for m in self.methods:
             if m in COMBINERS:
                 self.run_combiner(m)
@@ -329,6 +343,24 @@ class Evaluation:
             writer.close()
         seconds = time.perf_counter() - t0 if todo else 0.0  # a resume with nothing to do took no time
         self.summarize(method, seconds, extra={"generated_tokens": tokens})
+
+    def copy_generation(self, method: str, twin: str):
+        """`method` decodes exactly as `twin`, which this run has just finished: its rows are
+        the twin's texts and answers, scored again, marked `decoded_as`. No time is spent."""
+        rows = {r["id"]: r for r in _read(self.path(twin))}
+        writer = ResultWriter(self.path(method), append=True)
+        keep = ("prediction", "tokens", "finish_reason", "fused_steps")
+        try:
+            for q in self.questions:
+                i = q["index"]
+                if i not in self.done[method]:
+                    r = rows[i]
+                    writer.write(self.record(method, i, r["answer"], decoded_as=twin,
+                                             **{k: r[k] for k in keep if k in r}))
+        finally:
+            writer.close()
+        self.log(f"{method}: the same decoding as {twin} (equal weights and settings); its texts reused")
+        self.summarize(method, 0.0, extra={"decoded_as": twin})
 
     # -- a variant: DEEPEN over the option letters only
     def run_letters(self, method: str):

@@ -90,6 +90,8 @@ def table(data: dict, split: str) -> str:
         # choice mode: one prefill pass serves every method; generation: one run per method
         secs = max(passes) if passes else sum(v.get("seconds", 0.0) for v in entries.values())
         rates = ", ".join(f"{m} {v['tokens_per_s']:.1f}" for m, v in entries.items() if v.get("tokens_per_s"))
+        twins = ", ".join(f"{m} = {v['decoded_as']}" for m, v in entries.items() if v.get("decoded_as"))
+        rates += f" (texts reused, same decoding: {twins})" if twins else ""
         lines.append(f"| {c} | {secs / 60:.1f} min | {n} | {n / max(secs / 60, 1e-9):.1f} | {rates or '-'} |")
     return "\n".join(lines)
 

@@ -273,6 +273,33 @@ def test_resumed_generation_adds_up_its_tokens_and_seconds(tiny, tmp_path):
     assert entries[1]["seconds"] > entries[0]["seconds"]
 
 
+def test_adapt_at_equal_weights_reuses_the_avg_decoding_and_it_is_the_same(tiny, tmp_path):
+    """DEEPEN-Adapt with equal weights is DEEPEN-Avg's computation: the run copies its texts
+    (marked decoded_as), and decoding Adapt on its own gives those texts token for token."""
+    from runtime.ensemble import make_fuser
+    from runtime.evaluate import Evaluation, method_fusers
+    task = TASKS["triviaqa"]
+    questions = load_questions(task, "dev", limit=4)
+    names = [m.name for m in tiny.members]
+    adapt = {"weights": {n: 1 / len(names) for n in names}}
+
+    def evaluate(folder, methods):
+        fusers = method_fusers(methods, tiny.members, lambda w: make_fuser(tiny.cfg, tiny.members, tiny.entry),
+                               1.0, adapt)
+        run = Evaluation(task, "dev", questions, tiny.members, folder, methods, fusers, "generate",
+                         {"eta": 1.0, "max_new_tokens": 5}, batch=4, progress=False, log=lambda m: None)
+        run.run()
+        return {m: [json.loads(l) for l in run.path(m).read_text().split("\n") if l] for m in methods}
+
+    both = evaluate(tmp_path / "both", ["deepen-avg", "deepen-adapt"])
+    alone = evaluate(tmp_path / "alone", ["deepen-adapt"])["deepen-adapt"]
+    texts = lambda rows: {r["id"]: (r["prediction"], r["tokens"]) for r in rows}  # noqa: E731
+    assert all(r["decoded_as"] == "deepen-avg" for r in both["deepen-adapt"])
+    assert texts(both["deepen-adapt"]) == texts(both["deepen-avg"])
+    assert texts(alone) == texts(both["deepen-adapt"]) and len(alone) == len(questions)
+    assert any(r["fused_steps"] for r in alone)  # fusion did act, so the equality means something
+
+
 def test_report_table_deltas():
     data = {"piqa": {"single:a": {"accuracy": 0.6, "questions": 100, "mode": "choice"},
                      "single:b": {"accuracy": 0.5, "questions": 100, "mode": "choice"},
