@@ -140,6 +140,14 @@ def test_real_data_loads_and_samples_are_stable():
     assert len({q["domain"] for q in mmlu}) > 20  # a spread over subjects, not the first few
 
 
+@pytest.mark.parametrize("task,small,big", [("triviaqa", 100, 500), ("nq", 60, 500), ("gsm8k", 10, 30)])
+def test_the_committed_sample_sizes_nest(task, small, big):
+    """The committed results grew by resuming into a larger --limit: each larger sample holds
+    the smaller one (true of random.sample for these sizes; not promised for every size)."""
+    ids = lambda n: {q["index"] for q in load_questions(TASKS[task], "test", limit=n)}  # noqa: E731
+    assert ids(small) <= ids(big)
+
+
 def test_bad_question_file_names_the_line(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text('{"question": "q", "A": "x", "B": "y", "answer": "A"}\n\n{"question": "q2", "A": "x", "answer": "A"}\n')
