@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from runtime.prompts import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 PAIR = """[ensemble]
@@ -62,7 +64,7 @@ def prompts(path: Path, n: int, tokens: int = 8):
 
 
 def records(path: Path) -> dict:
-    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    return {r["id"]: r for r in read_jsonl(path)}
 
 
 def test_each_member_sharded_on_its_own_group_matches_unsharded(home, tmp_path):
@@ -117,7 +119,7 @@ def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
             str(out_path), "--batch", "2"]
     proc = launch(home, 3, *args)
     deadline = time.time() + 240
-    while time.time() < deadline and (not out_path.exists() or len(out_path.read_text().splitlines()) < 4):
+    while time.time() < deadline and (not out_path.exists() or out_path.read_text().count('\n') < 4):
         time.sleep(0.05)
     victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if any(a == "--local_rank=1" for a in p.cmdline())]
@@ -131,13 +133,13 @@ def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
     assert "rank 1 (member 'tiny-bpe', leader)" in out  # the survivors name the dead rank
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                    for p in psutil.Process().children(recursive=True) if "launcher/run.py" in " ".join(p.cmdline()))
-    done = len(out_path.read_text().splitlines())
+    done = out_path.read_text().count('\n')
     assert 4 <= done < 30
     proc = launch(home, 3, *args, "--resume")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    lines = out_path.read_text().splitlines()
-    assert len(lines) == 30 and len({json.loads(l)["id"] for l in lines}) == 30
+    lines = read_jsonl(out_path)
+    assert len(lines) == 30 and len({r["id"] for r in lines}) == 30
     assert records(out_path) == records(want)
 
 

@@ -12,6 +12,7 @@ import torch
 from runtime.baselines import MinEDFuser, mbr, min_edit_map, vote
 from runtime.evaluate import adapt_rule, letter_ids, parse_methods, prefill
 from runtime.fusion import FastSettings
+from runtime.prompts import read_jsonl
 from runtime.report import table
 from runtime.tasks import (TASKS, build_prompt, exact_match, extract, extract_gsm8k, gold, gold_letter,
                            load_questions, normalize_answer, parse_letter, score, token_f1)
@@ -224,7 +225,7 @@ def test_eval_end_to_end_resume_and_report(tiny, tmp_path):
     first = _eval(home, out, *common, "--split", "dev", "--limit", "4")
     assert first.returncode == 0, first.stderr
     folder = out / "piqa-dev"
-    rows = [json.loads(l) for l in (folder / "deepen-avg.jsonl").read_text().splitlines()]
+    rows = read_jsonl(folder / "deepen-avg.jsonl")
     assert len(rows) == 4 and all(r["answer"] in "AB" and r["correct"] == (r["answer"] == r["gold"]) for r in rows)
     again = _eval(home, out, *common, "--split", "dev", "--limit", "4")
     assert again.returncode == 2 and "--resume" in again.stderr  # never appends silently
@@ -233,13 +234,13 @@ def test_eval_end_to_end_resume_and_report(tiny, tmp_path):
     assert more.returncode == 0, more.stderr
     summary = json.loads((folder / "summary.json").read_text())
     for method, entry in summary.items():
-        lines = [json.loads(l) for l in (folder / f"{method.replace(':', '=')}.jsonl").read_text().splitlines()]
+        lines = read_jsonl(folder / f"{method.replace(':', '=')}.jsonl")
         ids = [l["id"] for l in lines]
         assert len(ids) == len(set(ids)) and entry["questions"] == len(lines)
         assert entry["correct"] == sum(l["correct"] for l in lines)
     # the single members' answers are what the vote saw
-    vote_rows = {json.loads(l)["id"]: json.loads(l) for l in (folder / "vote.jsonl").read_text().splitlines()}
-    singles = {json.loads(l)["id"]: json.loads(l)["answer"] for l in (folder / "single=tiny-sp.jsonl").read_text().splitlines()}
+    vote_rows = {r["id"]: r for r in read_jsonl(folder / "vote.jsonl")}
+    singles = {r["id"]: r["answer"] for r in read_jsonl(folder / "single=tiny-sp.jsonl")}
     assert all(vote_rows[i]["candidates"][0] == a for i, a in singles.items())
     adapt = _eval(home, out, "--task", "piqa", "--split", "test", "--limit", "3", "--method", "deepen-adapt")
     assert adapt.returncode == 0, adapt.stderr
@@ -258,7 +259,7 @@ def test_eval_generate_mode_reads_letters_from_text(tiny, tmp_path):
     res = _eval(home, tmp_path, "--task", "arc_challenge", "--split", "dev", "--limit", "3",
                 "--method", "single:tiny-sp", "--mode", "generate")
     assert res.returncode == 0, res.stderr
-    rows = [json.loads(l) for l in (tmp_path / "arc_challenge-dev-free" / "single=tiny-sp.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path / "arc_challenge-dev-free" / "single=tiny-sp.jsonl")
     for r in rows:
         assert r["answer"] == parse_letter(r["prediction"], "ABCD") and r["tokens"] <= 1
 
@@ -272,7 +273,7 @@ def test_resumed_generation_adds_up_its_tokens_and_seconds(tiny, tmp_path):
         res = _eval(tiny.home, tmp_path, *common, "--limit", limit, "--resume")
         assert res.returncode == 0, res.stderr
         entry = json.loads((tmp_path / "triviaqa-dev" / "summary.json").read_text())["single:tiny-bpe"]
-        rows = [json.loads(l) for l in (tmp_path / "triviaqa-dev" / "single=tiny-bpe.jsonl").read_text().split("\n") if l]
+        rows = read_jsonl(tmp_path / "triviaqa-dev" / "single=tiny-bpe.jsonl")
         assert entry["questions"] == len(rows) == int(limit)
         assert entry["generated_tokens"] == sum(r["tokens"] for r in rows)
         assert entry["tokens_per_s"] == pytest.approx(entry["generated_tokens"] / entry["seconds"], rel=0.01)
@@ -297,7 +298,7 @@ def test_adapt_at_equal_weights_reuses_the_avg_decoding_and_it_is_the_same(tiny,
         run = Evaluation(task, "dev", questions, tiny.members, folder, methods, fusers, "generate",
                          {"eta": 1.0, "max_new_tokens": 5}, batch=4, progress=False, log=lambda m: None)
         run.run()
-        return {m: [json.loads(l) for l in run.path(m).read_text().split("\n") if l] for m in methods}
+        return {m: read_jsonl(run.path(m)) for m in methods}
 
     both = evaluate(tmp_path / "both", ["deepen-avg", "deepen-adapt"])
     alone = evaluate(tmp_path / "alone", ["deepen-adapt"])["deepen-adapt"]
@@ -328,7 +329,7 @@ def test_letters_variant_with_eta_zero_is_the_main_member(tiny, tmp_path):
                 "--method", "deepen-letters", "--eta", "0,0.5")
     assert res.returncode == 0, res.stderr
     folder = tmp_path / "arc_challenge-dev"
-    read = lambda name: {json.loads(l)["id"]: json.loads(l)["answer"] for l in (folder / name).read_text().splitlines()}
+    read = lambda name: {r["id"]: r["answer"] for r in read_jsonl(folder / name)}
     main = read("single=tiny-sp.jsonl")
     assert read("deepen-letters@0.jsonl") == main and len(main) == 6
     assert set(read("deepen-letters@0.5.jsonl").values()) <= set("ABCD")

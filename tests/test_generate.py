@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtime.jobs import InputError, finished_ids, read_requests
+from runtime.prompts import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the cat", "a dog", "my friend", "the model", "this system", "café", "日本", "code"]
@@ -29,7 +30,7 @@ def deepen(home: Path, *args, **kw):
 
 
 def records(path: Path) -> dict:
-    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    return {r["id"]: r for r in read_jsonl(path)}
 
 
 def test_malformed_lines_are_named(tmp_path):
@@ -91,11 +92,11 @@ def test_interrupted_job_resumes_to_the_same_output(tmp_path):
     part = tmp_path / "part.jsonl"
     proc = deepen(tmp_path, *common, "--output", str(part))
     deadline = time.time() + 240
-    while time.time() < deadline and (not part.exists() or len(part.read_text().splitlines()) < 5):
+    while time.time() < deadline and (not part.exists() or part.read_text().count('\n') < 5):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # a crash: no chance to clean up
     proc.communicate(timeout=60)
-    done = len(part.read_text().splitlines())
+    done = part.read_text().count('\n')
     assert 5 <= done < 24, "the job was not interrupted mid-way"
 
     proc = deepen(tmp_path, *common, "--output", str(part))
@@ -104,6 +105,6 @@ def test_interrupted_job_resumes_to_the_same_output(tmp_path):
     proc = deepen(tmp_path, *common, "--output", str(part), "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    lines = part.read_text().splitlines()
-    assert len(lines) == 24 and len({json.loads(l)["id"] for l in lines}) == 24
+    lines = read_jsonl(part)
+    assert len(lines) == 24 and len({r["id"] for r in lines}) == 24
     assert records(part) == want
