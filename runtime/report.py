@@ -112,6 +112,37 @@ def eta_sweeps(results: Path) -> dict:
     return out
 
 
+def _answers(path: Path) -> dict:
+    from .prompts import read_jsonl
+    return {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
+
+
+def paired(results: Path, data: dict, split: str, method: str = "deepen-avg") -> str:
+    """Question by question, `method` against the best single member of each task: answers
+    changed, gained (it right, the single wrong), lost, and the oracle of the single members
+    (any of them right): what an ensemble could reach at most by picking among them."""
+    lines = [f"| task | questions | {method} answers differ | gained | lost | oracle of the members |",
+             "|---|---|---|---|---|---|"]
+    for c in _columns(data):
+        singles = [m for m in data[c] if m.startswith("single:")]
+        if method not in data[c] or not singles:
+            continue
+        best = max(singles, key=lambda m: data[c][m]["accuracy"])
+        folder = results / f"{c.split('-free')[0]}-{split}{'-free' if c.endswith('-free') else ''}"
+        ours = _answers(folder / f"{method}.jsonl")
+        members = {m: _answers(folder / f"{m.replace(':', '=')}.jsonl") for m in singles}
+        ids = set(ours).intersection(*members.values())
+        if not ids:
+            continue
+        theirs = members[best]
+        differ = sum(ours[i]["answer"] != theirs[i]["answer"] for i in ids)
+        gained = sum(ours[i]["correct"] and not theirs[i]["correct"] for i in ids)
+        lost = sum(theirs[i]["correct"] and not ours[i]["correct"] for i in ids)
+        oracle = sum(any(m[i]["correct"] for m in members.values()) for i in ids)
+        lines.append(f"| {c} | {len(ids)} | {differ} | {gained} | {lost} | {oracle} ({100 * oracle / len(ids):.1f}%) |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def render(results: Path, out_dir: Path, split: str = "test") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -122,6 +153,9 @@ def render(results: Path, out_dir: Path, split: str = "test") -> list[Path]:
     if not data:
         raise FileNotFoundError(f"no <task>-{split}/summary.json under {results}: run `deepen eval` first")
     text = ["# Evaluation results", "", table(data, split)]
+    pairs = paired(results, data, split)
+    if pairs:
+        text += ["", "## Question by question: DEEPEN-Avg vs the best single member", "", pairs]
     sweeps = eta_sweeps(results)
     if sweeps:
         text += ["", "## eta on dev (DEEPEN-Avg)", "", "| task | " + " | ".join(

@@ -252,6 +252,14 @@ def test_eval_end_to_end_resume_and_report(tiny, tmp_path):
                          capture_output=True, text=True)
     assert rep.returncode == 0, rep.stderr
     assert (out / "accuracy.png").stat().st_size > 0 and "| deepen-avg |" in (out / "report.md").read_text()
+    # the paired view adds up: gained - lost is DEEPEN's accuracy difference to the best single
+    from runtime.report import collect, paired
+    data = collect(out, "dev")
+    row = next(l for l in paired(out, data, "dev").splitlines() if l.startswith("| piqa |"))
+    n, differ, gained, lost = (int(x) for x in row.split("|")[2:6])
+    entries = data["piqa"]
+    best = max(v["correct"] for m, v in entries.items() if m.startswith("single:"))
+    assert n == 6 and gained - lost == entries["deepen-avg"]["correct"] - best and differ >= gained + lost
 
 
 def test_eval_generate_mode_reads_letters_from_text(tiny, tmp_path):
