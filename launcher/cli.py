@@ -361,7 +361,17 @@ def bench_compare(first, second):
     """Do two `deepen bench --output` results agree within the noise they report (their
     min..max tokens/s ranges overlap for every batch size and series)? Exit status 1 if not."""
     from runtime.bench import compare_runs
-    text, ok = compare_runs(json.loads(Path(first).read_text()), json.loads(Path(second).read_text()))
+
+    def load(path):
+        try:
+            result = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(result, dict) or not isinstance(result.get("batches"), list):
+            raise ValueError(f"{path}: no 'batches' list: not a `deepen bench --output` result")
+        return result
+
+    text, ok = compare_runs(load(first), load(second))
     click.echo(text)
     click.echo("agree within the reported noise" if ok else "DIFFER beyond the reported noise")
     sys.exit(0 if ok else 1)

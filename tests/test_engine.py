@@ -86,6 +86,22 @@ def test_bench_compare_flags_runs_outside_each_others_noise():
     assert not ok and "| NO |" in text
 
 
+def test_bench_compare_cli_names_a_file_that_is_no_bench_result(tmp_path):
+    import subprocess
+    import sys
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"batches": []}')
+    bad.write_text('{"rows": []}')
+    run = lambda a, b: subprocess.run([sys.executable, "-m", "launcher.cli", "bench-compare", str(a), str(b)],  # noqa: E731
+                                      cwd=ROOT, capture_output=True, text=True)
+    proc = run(good, bad)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {bad}: no 'batches' list: not a `deepen bench --output` result"
+    bad.write_text("{")
+    proc = run(bad, good)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {bad}: not JSON")
+    assert run(good, good).returncode == 0
+
+
 def test_bench_interleaves_series_and_reports_each(tiny):
     """Every series gets `repeat` runs, one repetition of all series after another, and the
     ratios are computed from the medians it reports."""
