@@ -259,7 +259,10 @@ class DistributedEngine(Engine):
         self.seconds["broadcast"] += time.perf_counter() - t0
         self.steps += 1
         finished, keep_slots, texts = self.commit(active, tokens[0].tolist(), tokens[1].bool().tolist())
-        pending = self._timed("resync", lane.sync, keep_slots, texts)
+        if w.member == 0:  # the main member keeps its own ids; only assists resync from the text
+            pending = self._timed("resync", lane.append, keep_slots, [self.slots[s].ids[-1] for s in keep_slots])
+        else:
+            pending = self._timed("resync", lane.sync, keep_slots, texts)
         if keep_slots:
             self._timed(f"forward:{lane.member.name}", lane.forward, keep_slots, pending)
         return finished

@@ -112,8 +112,12 @@ class Engine:
         self.steps += 1
 
         finished, keep_slots, texts = self.commit(active, result.tokens.tolist(), result.fused.tolist())
-        for lane in self.lanes:
-            pending = self._timed("resync", lane.sync, keep_slots, texts)
+        kept = [self.slots[s].ids[-1] for s in keep_slots]
+        for k, lane in enumerate(self.lanes):
+            if k == 0:  # the main member keeps its own ids; only assists resync from the text
+                pending = self._timed("resync", lane.append, keep_slots, kept)
+            else:
+                pending = self._timed("resync", lane.sync, keep_slots, texts)
             if keep_slots:
                 self._timed(f"forward:{lane.member.name}", lane.forward, keep_slots, pending)
         return finished

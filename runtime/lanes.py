@@ -59,6 +59,14 @@ class Lane:
             self.ids[s] = ids
         return pending
 
+    def append(self, slots: list[int], tokens: list[int]) -> list[list[int]]:
+        """The main member: each slot's chosen token, one of its own ids, appended as it is (never
+        re-encoded: a tokenizer may encode the same text differently, and the model would then be
+        fed a context it never produced). Returns the tokens each slot has to prefill."""
+        for s, t in zip(slots, tokens):
+            self.ids[s].append(t)
+        return [[t] for t in tokens]
+
     def crop(self, slot: int, keep: int):
         live = self.mask[slot].nonzero(as_tuple=True)[0]
         self.mask[slot, live[keep:]] = 0

@@ -1,7 +1,8 @@
 """The authors' decoding loop, kept as the reference every faster path is checked against.
 
-Every step, every member re-tokenises its whole text (its own template + the committed text)
-and runs a full forward pass with no KV cache. Rows are independent; they advance in lock-step
+Every step, every member runs a full forward pass with no KV cache: the main member on its prompt's
+tokens followed by the ids it emitted (as the authors' loop does), every assist on a fresh
+tokenisation of its own template + the committed text. Rows are independent; they advance in lock-step
 only so that one step's fusion is a single batched call (batching never changes a row's result).
 """
 from __future__ import annotations
@@ -19,8 +20,12 @@ class Row:
     finish: str | None = None                      # "eos" | "stop" | "length"
 
 
-def last_logits(member, text: str) -> torch.Tensor:
+def last_logits(member, text: str, own: list[int] | None = None) -> torch.Tensor:
+    """Next-token logits after `text` in the member's own tokenisation; for the main member,
+    `own` are its chosen ids, appended to the prompt's tokens as they are (not re-encoded)."""
     ids = member.tokenizer(text, return_tensors="pt").input_ids
+    if own:
+        ids = torch.cat([ids, torch.tensor([own])], dim=1)
     with torch.no_grad():
         return member.model(ids).logits[0, -1].float()
 
@@ -41,8 +46,9 @@ def reference_decode(members, fuser, prompts: list[str], max_new_tokens: int,
         active = [r for r in rows if r.finish is None]
         if not active:
             break
-        logits = [torch.stack([last_logits(m, m.render(r.prompt) + r.text) for r in active])
-                  for m in members]
+        logits = [torch.stack([last_logits(main, main.render(r.prompt), r.ids) for r in active])]
+        logits += [torch.stack([last_logits(m, m.render(r.prompt) + r.text) for r in active])
+                   for m in members[1:]]
         # the stop rule: no fusion where the main model's own token completes a stop string
         own = logits[0].argmax(-1).tolist()
         skip = torch.tensor([completes_stop(main.tokenizer.decode(r.ids + [t]), stop) is not None
