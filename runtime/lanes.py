@@ -128,7 +128,7 @@ class Lane:
             # only each row's last position goes through the output layer: on a long prefill the
             # (rows x width x vocabulary) logits would cost more time and memory than the model
             out = self.model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=last[:, None])
+                             cache=cache, use_cache=True, logits_to_keep=last[:, None])
         return out.logits[:, -1].float(), full_mask
 
     def forward(self, slots: list[int], pending: list[list[int]]):

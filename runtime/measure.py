@@ -128,7 +128,7 @@ def _prefill(member, texts: list[str]):
     enc = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = member.model(**enc, use_cache=True)
-    return out.logits[:, -1].float(), out.past_key_values, enc.attention_mask
+    return out.logits[:, -1].float(), out.cache, enc.attention_mask
 
 
 def fusion_timing(members, fuser, prompts: list[str], batch: int, steps: int) -> dict:
@@ -150,9 +150,9 @@ def fusion_timing(members, fuser, prompts: list[str], batch: int, steps: int) ->
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = m.model(input_ids=last.argmax(-1, keepdim=True), attention_mask=mask,
-                              past_key_values=cache, use_cache=True)
+                              cache=cache, use_cache=True)
             forward[m.name].append(time.perf_counter() - t0)
-            state[k] = (out.logits[:, -1].float(), out.past_key_values, mask)
+            state[k] = (out.logits[:, -1].float(), out.cache, mask)
     fwd_total = [sum(ts) for ts in zip(*forward.values())]
     return {"batch": batch, "steps": steps,
             "fused_step_s": statistics.median(fused),
