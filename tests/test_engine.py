@@ -5,10 +5,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from runtime.engine import Engine, Request
-from runtime.ensemble import make_fuser
-from runtime.lanes import Lane
-from runtime.reference import reference_decode
+from runtime.engine.engine import Engine
+from runtime.engine.sequence import Request
+from runtime.members.ensemble import make_fuser
+from runtime.engine.lane import Lane
+from runtime.engine.reference import reference_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The cat sees", "a dog likes the", "def f(x):\n    return", "café naïve über",
@@ -76,7 +77,7 @@ def test_lane_ids_and_cache_follow_committed_text(tiny, prompts, appends):
 
 
 def test_bench_compare_flags_runs_outside_each_others_noise():
-    from runtime.bench import compare_runs
+    from runtime.bench.bench import compare_runs
     spread = lambda lo, med, hi: {"min": lo, "median": med, "max": hi}
     run = lambda e: {"batches": [{"batch": 8, "ensemble": {"tokens_per_s": e},
                                   "members": {"m": {"tokens_per_s": spread(9, 10, 11)}}}]}
@@ -105,7 +106,7 @@ def test_bench_compare_cli_names_a_file_that_is_no_bench_result(tmp_path):
 def test_bench_interleaves_series_and_reports_each(tiny):
     """Every series gets `repeat` runs, one repetition of all series after another, and the
     ratios are computed from the medians it reports."""
-    from runtime.bench import bench
+    from runtime.bench.bench import bench
     cfg, members, entry, _ = tiny
     fuser = make_fuser(cfg, members, entry, "fast")
     lines = []

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.baselines import MinEDFuser, mbr, min_edit_map, vote
-from runtime.evaluate import adapt_rule, letter_ids, parse_methods, prefill
-from runtime.fusion import FastSettings
-from runtime.prompts import read_jsonl
-from runtime.report import table
-from runtime.tasks import (TASKS, build_prompt, exact_match, extract, extract_gsm8k, gold, gold_letter,
+from runtime.evaluation.baselines import MinEDFuser, mbr, min_edit_map, vote
+from runtime.evaluation.methods import adapt_rule, letter_ids, parse_methods
+from runtime.evaluation.run import prefill
+from runtime.deepen.fusion import FastSettings
+from runtime.jobs.files import read_jsonl
+from runtime.evaluation.report import table
+from runtime.evaluation.tasks import (TASKS, build_prompt, exact_match, extract, extract_gsm8k, gold, gold_letter,
                            load_questions, normalize_answer, parse_letter, score, token_f1)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_prefill_matches_a_plain_forward(tiny):
 def test_choice_scores_fast_full_support_equal_exact(tiny):
     """With the whole vocabulary as support, fast mode's search is the exact search: the option
     letters' final logits (what a choice-constrained answer reads) must agree."""
-    from runtime.ensemble import make_fuser
+    from runtime.members.ensemble import make_fuser
     cfg, members, entry, _ = tiny
     prompts = ["Question: which?\nA. x\nB. y\nAnswer:", "the cat\nA. sat\nB. ran\nAnswer:",
                "café?\nA. oui\nB. non\nAnswer:"]
@@ -191,7 +192,7 @@ def test_choice_scores_fast_full_support_equal_exact(tiny):
 
 
 def test_min_edit_map_on_tiny_tokenizers(tiny):
-    from runtime.vocab import token_bytes
+    from runtime.deepen.vocab import token_bytes
     members = tiny.members
     main, assist = token_bytes(members[0].tokenizer), token_bytes(members[1].tokenizer)
     mapping = min_edit_map(assist, main, members[1].eos_token_id, members[0].eos_token_id, len(assist))
@@ -253,7 +254,7 @@ def test_eval_end_to_end_resume_and_report(tiny, tmp_path):
     assert rep.returncode == 0, rep.stderr
     assert (out / "accuracy.png").stat().st_size > 0 and "| deepen-avg |" in (out / "report.md").read_text()
     # the paired view adds up: gained - lost is DEEPEN's accuracy difference to the best single
-    from runtime.report import collect, paired
+    from runtime.evaluation.report import collect, paired
     data = collect(out, "dev")
     row = next(l for l in paired(out, data, "dev").splitlines() if l.startswith("| piqa |"))
     n, differ, gained, lost = (int(x) for x in row.split("|")[2:6])
@@ -293,8 +294,9 @@ def test_resumed_generation_adds_up_its_tokens_and_seconds(tiny, tmp_path):
 def test_adapt_at_equal_weights_reuses_the_avg_decoding_and_it_is_the_same(tiny, tmp_path):
     """DEEPEN-Adapt with equal weights is DEEPEN-Avg's computation: the run copies its texts
     (marked decoded_as), and decoding Adapt on its own gives those texts token for token."""
-    from runtime.ensemble import make_fuser
-    from runtime.evaluate import Evaluation, method_fusers
+    from runtime.members.ensemble import make_fuser
+    from runtime.evaluation.methods import method_fusers
+    from runtime.evaluation.run import Evaluation
     task = TASKS["triviaqa"]
     questions = load_questions(task, "dev", limit=4)
     names = [m.name for m in tiny.members]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.jobs import InputError, finished_ids, read_requests
-from runtime.prompts import read_jsonl
+from runtime.jobs.files import InputError, finished_ids, read_requests
+from runtime.jobs.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the cat", "a dog", "my friend", "the model", "this system", "café", "日本", "code"]
@@ -55,8 +55,8 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
 def test_resume_reads_texts_with_unicode_line_separators(tmp_path):
     """json.dumps(ensure_ascii=False) leaves U+2028, U+0085 and U+001C-like separators raw in a
     line; they are not line ends (a real TriviaQA run generated one)."""
-    from runtime.evaluate import _read
-    from runtime.jobs import ResultWriter
+    from runtime.evaluation.run import read_results as _read
+    from runtime.jobs.files import ResultWriter
     out = tmp_path / "out.jsonl"
     texts = ["a\u2028b", "c\x85d", "e\u2029f", "g\x1ch", "plain"]
     writer = ResultWriter(out, append=False)

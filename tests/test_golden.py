@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime.fusion import FastSettings, Fuser
-from runtime.relative import DenseTransfer, LowRankTransfer, dense_transfer_matrix
-from runtime.search import SearchSettings, candidate_margin, search_exact
+from runtime.deepen.fusion import FastSettings, Fuser, aggregate
+from runtime.deepen.relative import DenseTransfer, LowRankTransfer, dense_transfer_matrix
+from runtime.deepen.search import SearchSettings, candidate_margin, search_exact
 
 GOLDEN_DIR = Path(os.environ.get("DEEPEN_GOLDEN_DIR",
                                  Path(__file__).resolve().parents[1] / ".." / "shared" / "golden"))
@@ -79,8 +79,8 @@ def test_exact_mode_reproduces_reference(case, tensors, kind):
             assert int(want_token) == case["eos_token_id"]
             main = tensors[f"{name}.step{s}.logits.0"]
             assert torch.equal(result.final_logits, main)
-            r, _ = fuser.relative([tensors[f"{name}.step{s}.logits.{i}"]
-                                   for i in range(len(case["vocab_sizes"]))])
+            r = aggregate([fuser.member_relative(i, tensors[f"{name}.step{s}.logits.{i}"])[0]
+                           for i in range(len(case["vocab_sizes"]))], fuser.weights)
             assert torch.allclose(r, tensors[f"{name}.step{s}.aggregated_relative"],
                                   rtol=1e-4, atol=1e-3)
     assert skipped >= 1  # every golden case has an EOS step: the rule must have been exercised

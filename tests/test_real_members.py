@@ -4,12 +4,12 @@ import time
 
 import pytest
 
-from runtime.config import parse_config
-from runtime.ensemble import anchors_entry, load_members, make_fuser
-from runtime.measure import agreement
-from runtime.members import prepare_pypi_model
-from runtime.prompts import qa_prompts
-from runtime.vocab import find_anchors, token_bytes
+from runtime.members.config import parse_config
+from runtime.members.ensemble import anchors_entry, load_members, make_fuser
+from runtime.bench.measure import agreement
+from runtime.members.sources import prepare_pypi_model
+from runtime.evaluation.tasks import qa_prompts
+from runtime.deepen.vocab import find_anchors, token_bytes
 
 pytestmark = pytest.mark.real
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runtime.tiny_members import FORMAT_VERSION, MARKER, TINY_MEMBERS, build_tiny_member, build_tiny_members
+from runtime.members.tiny import FORMAT_VERSION, MARKER, TINY_MEMBERS, build_tiny_member, build_tiny_members
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -76,7 +76,7 @@ def test_deterministic_across_processes_and_offline(member_dirs, tmp_path):
     # depend on them) and an empty HF cache: loading must need no hub at all.
     script = f"""
 import hashlib, json, sys
-from runtime.tiny_members import build_tiny_members
+from runtime.members.tiny import build_tiny_members
 from transformers import AutoTokenizer, AutoModelForCausalLM
 out = {{}}
 for name, d in build_tiny_members(sys.argv[1]).items():

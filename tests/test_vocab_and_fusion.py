@@ -3,11 +3,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from runtime.anchors import cached_entry, load_transfers
-from runtime.config import load_config
-from runtime.ensemble import anchors_entry, load_members, make_fuser
-from runtime.reference import reference_decode
-from runtime.vocab import BYTE_LEVEL, SENTENCEPIECE, find_anchors, token_bytes, tokenizer_family, tokenizer_json
+from runtime.deepen.anchors import cached_entry, load_transfers
+from runtime.members.config import load_config
+from runtime.members.ensemble import anchors_entry, load_members, make_fuser
+from runtime.engine.reference import reference_decode
+from runtime.deepen.vocab import BYTE_LEVEL, SENTENCEPIECE, find_anchors, token_bytes, tokenizer_family, tokenizer_json
 
 from pathlib import Path
 
@@ -97,7 +97,7 @@ def test_low_rank_transfer_equals_dense(tiny, home):
 
 def test_fast_mode_agrees_with_exact_on_tiny_members(tiny, home):
     """The reference loop with exact fusion; fast mode on the same logits at every step."""
-    from runtime.measure import agreement
+    from runtime.bench.measure import agreement
     cfg, members = tiny
     entry = anchors_entry(cfg, members, home, progress=False)
     exact, fast = make_fuser(cfg, members, entry, "exact"), make_fuser(cfg, members, entry, "fast")
@@ -129,7 +129,7 @@ def test_row_memo_and_cache_return_exact_rows(calls):
     """Whatever the sequence of requests, rows() returns the rows of P (computed in another batch
     shape, so equal to float rounding), and never computes more rows than asking
     compute_rows for everything would."""
-    from runtime.relative import LowRankTransfer
+    from runtime.deepen.relative import LowRankTransfer
     torch.manual_seed(0)
     t = LowRankTransfer.build(torch.randn(600, 12), torch.arange(0, 600, 4), cache_rows=32, clusters=4)
     asked = 0
@@ -141,8 +141,8 @@ def test_row_memo_and_cache_return_exact_rows(calls):
 
 
 def test_search_gathered_per_row_equals_the_dense_product(monkeypatch):
-    from runtime import search
-    from runtime.relative import LowRankTransfer
+    from runtime.deepen import search
+    from runtime.deepen.relative import LowRankTransfer
     torch.manual_seed(1)
     t = LowRankTransfer.build(torch.randn(400, 16), torch.arange(0, 400, 2), clusters=8)
     logits = torch.randn(5, 400) * 3

@@ -1,7 +1,6 @@
 """Run under the deepspeed launcher (4 ranks): two members, each sharded tp=2 on its own group.
 Every rank compares its sharded member's logits with the unsharded model's and writes a report."""
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -9,10 +8,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from runtime.config import parse_config  # noqa: E402
-from runtime.distributed import init_world, layout_for, shard_member  # noqa: E402
-from runtime.ensemble import load_members  # noqa: E402
-from runtime.members import load_model  # noqa: E402
+from runtime.members.config import parse_config  # noqa: E402
+from runtime.distributed.world import init_world, layout_for, shard_member  # noqa: E402
+from runtime.members.ensemble import load_members  # noqa: E402
+from runtime.members.sources import load_model  # noqa: E402
 
 out_dir = Path(sys.argv[-1])
 cfg = parse_config({"ensemble": {"main": "tiny-sp"}, "members": [

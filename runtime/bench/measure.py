@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, Request
-from .fusion import StepResult
-from .reference import reference_decode
+from ..deepen.fusion import StepResult
+from ..engine.engine import Engine
+from ..engine.reference import reference_decode
+from ..engine.sequence import Request
 
 
 class ComparingFuser:
@@ -26,8 +27,8 @@ class ComparingFuser:
                             "disagreements": []} for name in fast}
         self.skipped = 0
 
-    def step(self, logits, skip=None):
-        result = self.exact.step(logits, skip)
+    def step(self, logits, skip=None, **kw):
+        result = self.exact.step(logits, skip, **kw)
         self.skipped += int((~result.fused).sum())
         if self.capture is not None:
             from safetensors.torch import save_file
@@ -117,6 +118,21 @@ def equality(members, fuser, prompts: list[str], new_tokens: int, batch: int = 8
             first[i] = k
     return {"prompts": len(prompts), "identical": sum(same), "tokens": sum(len(r.ids) for r in want),
             "first_divergence": first, "reference_s": reference_s, "engine_s": engine_s}
+
+
+def fast_fusers(config, members, entry, settings=()) -> dict:
+    """{setting: fast-mode Fuser} for each MASS_EPSILON:MAX_SUPPORT setting (default: the config's)."""
+    from ..members.config import with_fast_setting
+    from ..members.ensemble import make_fuser
+    settings = settings or [f"{config.anchors.mass_epsilon}:{config.anchors.max_support}"]
+    return {s: make_fuser(with_fast_setting(config, s), members, entry, "fast") for s in settings}
+
+
+def zero_shot_prompts(n: int) -> list[str]:
+    """The first n TriviaQA dev questions as 0-shot prompts (`deepen measure equality`)."""
+    from ..evaluation.tasks import data_dir
+    from ..jobs.files import read_jsonl
+    return [f"Question: {q['question']}\nAnswer:" for q in read_jsonl(data_dir() / "triviaqa" / "dev.jsonl")[:n]]
 
 
 def _prefill(member, texts: list[str]):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .stops import completes_stop
+
 
 @dataclass
 class Row:
@@ -28,13 +30,6 @@ def last_logits(member, text: str, own: list[int] | None = None) -> torch.Tensor
         ids = torch.cat([ids, torch.tensor([own])], dim=1)
     with torch.no_grad():
         return member.model(ids).logits[0, -1].float()
-
-
-def completes_stop(text: str, stop: tuple[str, ...]) -> str | None:
-    for s in stop:
-        if s and s in text:
-            return text[:text.index(s)]
-    return None
 
 
 def reference_decode(members, fuser, prompts: list[str], max_new_tokens: int,

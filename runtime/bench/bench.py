@@ -8,19 +8,31 @@ from __future__ import annotations
 import statistics
 import time
 
-from .engine import Engine, Request
-from .ensemble import single_fuser
-from .reference import reference_decode
+from ..engine.engine import Engine
+from ..engine.reference import reference_decode
+from ..engine.sequence import Request
+from ..members.ensemble import single_fuser
 
 
 def bench_prompts(path=None) -> list[str]:
     """The prompts a bench decodes: a JSON-lines file's 'prompt' fields, or by default 32
     TriviaQA dev 5-shot prompts (long enough that prefill and the cache matter)."""
     if path:
-        from .jobs import read_requests
+        from ..jobs.files import read_requests
         return [r.prompt for r in read_requests(path)]
-    from .prompts import qa_prompts
+    from ..evaluation.tasks import qa_prompts
     return qa_prompts("triviaqa", "dev", 32)
+
+
+def exact_fuser_if_it_fits(config, members, entry, log=print):
+    """An exact-mode Fuser where every member's dense P fits DEEPEN_DENSE_MAX_GB, else None."""
+    from ..deepen.anchors import dense_budget, load_transfers
+    from ..members.ensemble import make_fuser
+    if all(t.num_tokens * t.num_anchors * 4 <= dense_budget() for t in load_transfers(entry, 0)):
+        return make_fuser(config, members, entry, "exact")
+    log("exact vs fast: skipped, exact mode's matrices do not fit DEEPEN_DENSE_MAX_GB "
+        "(use a config with fewer anchors, e.g. configs/smol-gemma-8k.toml)")
+    return None
 
 
 def batch_of(prompts: list[str], size: int) -> list[str]:
@@ -28,7 +40,7 @@ def batch_of(prompts: list[str], size: int) -> list[str]:
     return (prompts * (size // len(prompts) + 1))[:size]
 
 
-def _spread(values: list[float]) -> dict:
+def spread(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
@@ -96,7 +108,7 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
             log(f"reference loop {r + 1}/{repeat} ({reference_prompts} prompts x {reference_tokens} tokens)")
             ref.append(run_reference(members, fuser, prompts[:reference_prompts], reference_tokens))
         out["reference"] = {"prompts": reference_prompts, "new_tokens": reference_tokens,
-                            "tokens_per_s": _spread([x["tokens_per_s"] for x in ref])}
+                            "tokens_per_s": spread([x["tokens_per_s"] for x in ref])}
         for row in out["batches"]:
             row["speedup_vs_reference"] = (row["ensemble"]["tokens_per_s"]["median"] /
                                            out["reference"]["tokens_per_s"]["median"])
@@ -108,9 +120,9 @@ def _summary(runs: list[dict]) -> dict:
     total = statistics.median(r["seconds"] for r in runs)
     breakdown = {k: statistics.median(r["breakdown_s"].get(k, 0.0) for r in runs) for k in keys}
     forward = sum(v for k, v in breakdown.items() if k.startswith(("forward:", "prefill:")))
-    return {"tokens_per_s": _spread([r["tokens_per_s"] for r in runs]),
-            "step_s": _spread([r["step_s"] for r in runs]),
-            "ttft_s": _spread([r["ttft_s"] for r in runs]),
+    return {"tokens_per_s": spread([r["tokens_per_s"] for r in runs]),
+            "step_s": spread([r["step_s"] for r in runs]),
+            "ttft_s": spread([r["ttft_s"] for r in runs]),
             "tokens": runs[0]["tokens"], "steps": runs[0]["steps"],
             "share": {k: v / total for k, v in breakdown.items()},
             "outside_forward_share": 1 - forward / total}
@@ -118,6 +130,9 @@ def _summary(runs: list[dict]) -> dict:
 
 def table(result: dict) -> str:
     """Markdown for people."""
+    def cell(value, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
     lines = ["| batch | ensemble tok/s (min/med/max) | " +
              " | ".join(f"{n} alone tok/s" for n in result["batches"][0].get("members", {})) +
              " | step / sum of solo steps | outside forward | vs reference |",
@@ -126,9 +141,9 @@ def table(result: dict) -> str:
         e = row["ensemble"]["tokens_per_s"]
         solo = " | ".join(f"{v['tokens_per_s']['median']:.1f}" for v in row.get("members", {}).values())
         lines.append(f"| {row['batch']} | {e['min']:.1f} / {e['median']:.1f} / {e['max']:.1f} | {solo} | "
-                     f"{row.get('ensemble_step_over_sum_of_solo_steps', float('nan')):.2f} | "
+                     f"{cell(row.get('ensemble_step_over_sum_of_solo_steps'), '.2f')} | "
                      f"{row['ensemble']['outside_forward_share']:.1%} | "
-                     f"{row.get('speedup_vs_reference', float('nan')):.1f}x |")
+                     f"{cell(row.get('speedup_vs_reference'), '.1f')}{'' if row.get('speedup_vs_reference') is None else 'x'} |")
     if "exact_vs_fast" in result:
         e = result["exact_vs_fast"]
         lines.append(f"\nexact vs fast fusion (same engine): {e['exact']['step_s']['median']:.2f} s vs "
@@ -190,59 +205,6 @@ def plot(result: dict, out_dir) -> list:
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
     return paths
-
-
-# ---- under the launcher: one record per rank and run, summarised on rank 0 ----------------------
-
-COMMUNICATION = ("gather", "broadcast", "control")
-
-
-def rank_run(engine, seconds: float, results: list) -> dict:
-    """What one rank measured in one run (rank 0 also has the results)."""
-    import resource
-    tokens = sum(len(r.ids) for r in results)
-    return {"rank": engine.world.rank, "member": engine.lanes[0].member.name, "seconds": seconds,
-            "steps": engine.steps, "tokens": tokens, "breakdown_s": engine.breakdown(),
-            "ttft_s": statistics.median(r.first_token_s for r in results) if results else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def summarize_ranks(batch: int, runs: list[list[dict]]) -> dict:
-    """runs[r][rank]: one batch size's repetitions. Tokens/s and step time come from rank 0; each
-    rank's breakdown is its median seconds per part over its median run time. The communication
-    share counts the time a rank spends in collectives, waiting for others included (a rank that
-    finished its forward early waits in the broadcast of the chosen tokens)."""
-    lead = [run[0] for run in runs]
-    out = {"batch": batch, "tokens_per_s": _spread([r["tokens"] / r["seconds"] for r in lead]),
-           "step_s": _spread([r["seconds"] / max(r["steps"], 1) for r in lead]),
-           "ttft_s": _spread([r["ttft_s"] for r in lead if r["ttft_s"] is not None] or [0.0]),
-           "tokens": lead[0]["tokens"], "ranks": []}
-    for rank in range(len(runs[0])):
-        mine = [run[rank] for run in runs]
-        total = statistics.median(r["seconds"] for r in mine)
-        keys = sorted({k for r in mine for k in r["breakdown_s"]})
-        share = {k: statistics.median(r["breakdown_s"].get(k, 0.0) for r in mine) / total for k in keys}
-        out["ranks"].append({"rank": rank, "member": mine[0]["member"], "share": share,
-                             "communication_share": sum(share.get(k, 0.0) for k in COMMUNICATION),
-                             "peak_rss_mb": max(r["peak_rss_mb"] for r in mine)})
-    return out
-
-
-def rank_table(result: dict) -> str:
-    lines = ["| batch | tok/s (min/med/max) | step s (med) | rank | member | forward+prefill | "
-             "relative | search | resync | communication + wait | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in result["batches"]:
-        t = row["tokens_per_s"]
-        for i, r in enumerate(row["ranks"]):
-            s = r["share"]
-            fwd = sum(v for k, v in s.items() if k.startswith(("forward:", "prefill:")))
-            head = (f"| {row['batch']} | {t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f} | "
-                    f"{row['step_s']['median']:.3f} |" if i == 0 else "| | | |")
-            lines.append(f"{head} {r['rank']} | {r['member']} | {fwd:.1%} | {s.get('relative', 0):.1%} | "
-                         f"{s.get('search', 0):.1%} | {s.get('resync', 0):.1%} | "
-                         f"{r['communication_share']:.1%} | {r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines)
 
 
 def compare_runs(a: dict, b: dict) -> tuple[str, bool]:

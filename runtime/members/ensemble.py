@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from .anchors import build_anchor_cache, cached_entry, exact_transfers, load_transfers
+from ..deepen.anchors import build_anchor_cache, cached_entry, exact_transfers, load_transfers
+from ..deepen.fusion import FastSettings, Fuser
+from ..deepen.search import SearchSettings
 from .config import EnsembleConfig, MemberConfig
-from .fusion import FastSettings, Fuser
-from .members import deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
-from .search import SearchSettings
+from .sources import deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
 
 
 @dataclass

@@ -10,7 +10,7 @@ sum of per-row losses, so batching never changes a row's gradient.
 transfer object). `search_fast` runs over the few tokens that can still become the argmax
 (a provable bound on how far AdamW moves a logit in T steps) plus those that carry the main
 model's probability mass; the rest of the vocabulary is frozen and enters as one tail term
-whose relative row is P's mean row.
+per embedding cluster, at that cluster's mean row of P.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from .relative import tail_by_cluster
 
 PAD_LOGIT = -1.0e4  # padding entries of a batched fast search: softmax weight exactly 0
 GATHER_BYTES = int(float(os.environ.get("DEEPEN_SEARCH_GATHER_MB", "2048")) * 2**20)  # see search_fast
@@ -118,7 +120,6 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     `include` (1-D token ids): searched in every row whatever their rank (the option letters of a
     choice-constrained answer); stats["include_logits"] (B x n) holds their final logits.
     """
-    from .fusion import tail_by_cluster
     z0 = main_logits.detach().float()
     rows_n = z0.shape[0]
     k0 = min(max_support, z0.shape[1])

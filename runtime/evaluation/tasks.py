@@ -6,15 +6,24 @@ task turns it into a prompt, reads an answer out of a completion, and scores it 
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from .prompts import QA_HEADER, data_dir, read_jsonl
+from ..jobs.files import read_jsonl
+
+QA_HEADER = "Answer this questions:\n"
 
 LETTERS = "ABCD"
+
+
+def data_dir() -> Path:
+    """The benchmarks: ../shared/data/benchmarks beside the checkout, or $DEEPEN_DATA_DIR."""
+    default = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "benchmarks"
+    return Path(os.environ.get("DEEPEN_DATA_DIR", default)).resolve()
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,14 @@ def build_prompt(task: Task, q: dict, demos: list[dict]) -> str:
         return shots + block.format(q["question"])
     shots = "".join(f"Question:{d['question']}\nAnswer:{d['answer']}\n" for d in demos)
     return f"{QA_HEADER}{shots}Question:{q['question']}\nAnswer:"
+
+
+def qa_prompts(task: str = "triviaqa", split: str = "dev", limit: int = 20) -> list[str]:
+    """The first `limit` questions of a QA split as the paper's 5-shot prompts (bench and
+    measurement prompts: long enough that prefill and the cache matter)."""
+    t = get_task(task)
+    demos = load_demos(t)
+    return [build_prompt(t, q, demos) for q in read_jsonl(data_dir() / task / f"{split}.jsonl")[:limit]]
 
 
 # ---- gold and extraction -----------------------------------------------------------------------

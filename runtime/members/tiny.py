@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_MEMBERS = ("tiny-bpe", "tiny-sp", "tiny-bpe2")
+from .catalog import TINY_MODELS as TINY_MEMBERS
 
 # Bump when anything below changes what gets written, so stale builds are redone.
 FORMAT_VERSION = "tiny-members-v1"

@@ -4,12 +4,7 @@ Results live in RESULTS/<task>-<split>[-free]/:
     <method>.jsonl    one line per question: id, prompt, prediction, answer, gold, correct
     summary.json      per method: questions, correct, accuracy, mode, eta, weights, seconds
 
-Methods (`parse_methods`):
-    single:<member>   the member alone, same prompt      single = every member
-    deepen            DEEPEN with the config's weights     deepen-avg, deepen-adapt
-    minED             edit-distance token map + averaging of distributions
-    vote, mbr         majority / MBR over the members' answers (run after them)
-    deepen+vote, deepen+mbr   the same, with DEEPEN's answer as one more candidate
+Methods: evaluation/methods.py.
 
 Two modes. `choice` (multiple-choice tasks, the default there): one prefill per question and
 member serves every method; the answer is the argmax over the option letters' tokens, after
@@ -17,186 +12,21 @@ fusion. `generate`: free generation through the decoding engine, answer read off
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from .baselines import MinEDFuser, mbr, vote
-from .engine import Engine, Request
-from .fusion import Fuser, aggregate
-from .jobs import ResultWriter, finished_ids
-from .lanes import Lane
-from .prompts import read_jsonl
+from ..deepen.fusion import Fuser
+from ..engine.engine import Engine
+from ..engine.lane import Lane
+from ..engine.sequence import Request
+from ..jobs.files import ResultWriter, finished_ids, read_jsonl
+from ..jobs.progress import Progress
+from .baselines import mbr, vote
+from .methods import (COMBINERS, letter_ids, letter_scores, method_eta, read_summary, reads_others,
+                      same_decoding, write_summary)
 from .tasks import Task, build_prompt, extract, gold, load_demos, score, token_f1
-from .vocab import ids_by_bytes, token_bytes
-
-COMBINERS = ("vote", "mbr", "deepen+vote", "deepen+mbr")
-
-
-# ---- methods -----------------------------------------------------------------------------------
-
-def parse_methods(spec: str, member_names: list[str], etas: list[float]) -> list[str]:
-    """'single,deepen-avg,vote' -> concrete method names, dependencies first (a combiner needs
-    the singles, deepen+X needs deepen). With several etas each DEEPEN method is `name@eta`."""
-    out: list[str] = []
-
-    def add(name):
-        if name not in out:
-            out.append(name)
-
-    deepens = []
-    for raw in [s.strip() for s in spec.split(",") if s.strip()]:
-        if raw == "single":
-            for n in member_names:
-                add(f"single:{n}")
-        elif raw.startswith("single:"):
-            if raw[7:] not in member_names:
-                raise ValueError(f"--method {raw}: no member named {raw[7:]!r} (members: {', '.join(member_names)})")
-            add(raw)
-        elif raw in ("deepen", "deepen-avg", "deepen-adapt", "deepen-letters"):
-            if raw == "deepen-letters":
-                for n in member_names:
-                    add(f"single:{n}")
-            for eta in etas:
-                name = raw if len(etas) == 1 else f"{raw}@{eta:g}"
-                deepens.append(name)
-                add(name)
-        elif raw in ("minED", "mined"):
-            add("minED")
-        elif raw in COMBINERS:
-            for n in member_names:
-                add(f"single:{n}")
-            if raw.startswith("deepen+") and not deepens:
-                raise ValueError(f"--method {raw}: also name the DEEPEN method it combines "
-                                 "(e.g. --method deepen-avg,{raw})")
-            add(raw)
-        else:
-            raise ValueError(f"--method: unknown method {raw!r} (single, single:<member>, deepen, "
-                             f"deepen-avg, deepen-adapt, deepen-letters, minED, {', '.join(COMBINERS)})")
-    # engine methods first, then what reads their files
-    return [m for m in out if not reads_others(m)] + [m for m in out if reads_others(m)]
-
-
-def reads_others(method: str) -> bool:
-    """Combiners and the letters variant run after the single members, from their files."""
-    return method in COMBINERS or method.startswith("deepen-letters")
-
-
-def method_eta(name: str, default: float) -> float:
-    return float(name.split("@", 1)[1]) if "@" in name else default
-
-
-def adapt_rule(dev_scores: dict[str, float], chance: float) -> dict[str, float]:
-    """DEEPEN-Adapt's weights from the members' dev accuracies: proportional to each member's
-    score above chance (a member at chance adds nothing a coin would not), with a floor of 0.01
-    so no member is switched off entirely; equal weights if every member is at chance."""
-    lift = {n: max(s - chance, 0.0) + 0.01 for n, s in dev_scores.items()}
-    total = sum(lift.values())
-    return {n: v / total for n, v in lift.items()}
-
-
-def read_summary(folder: Path) -> dict:
-    path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_summary(folder: Path, method: str, entry: dict):
-    summary = read_summary(folder)
-    summary[method] = entry
-    tmp = folder / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
-    os.replace(tmp, folder / "summary.json")
-
-
-def adapt_weights(results: Path, task: Task, member_names: list[str]) -> dict:
-    """The Adapt weights for `task`, from the single members' dev run in `results`."""
-    dev = read_summary(results / f"{task.name}-dev")
-    scores = {n: dev.get(f"single:{n}", {}).get("accuracy") for n in member_names}
-    missing = [n for n, s in scores.items() if s is None]
-    if missing:
-        raise ValueError(f"deepen-adapt needs the members' dev scores: run `deepen eval --task "
-                         f"{task.name} --split dev --method single` with --out {results} first "
-                         f"(missing: {', '.join(missing)})")
-    chance = 1 / len(task.letters) if task.kind == "choice" else 0.0
-    return {"weights": adapt_rule(scores, chance), "dev_scores": scores, "chance": chance}
-
-
-def best_dev_eta(results: Path, task: Task, method: str = "deepen-avg") -> float:
-    """The eta with the best dev accuracy among `method@eta` entries (ties: the smaller eta)."""
-    dev = read_summary(results / f"{task.name}-dev")
-    found = [(v["accuracy"], -v["eta"], v["eta"]) for k, v in dev.items()
-             if k.startswith(method + "@") or k == method]
-    if not found:
-        raise ValueError(f"--eta dev: no {method} results in {results / (task.name + '-dev')}: "
-                         f"sweep first (deepen eval --split dev --method {method} --eta 0.05,0.15,...)")
-    return max(found)[2]
-
-
-def same_decoding(a, b) -> bool:
-    """Two DEEPEN fusers that decode identically: the same transfers, settings and weights
-    (DEEPEN-Adapt with every member at chance on dev has DEEPEN-Avg's equal weights)."""
-    return (isinstance(a, Fuser) and isinstance(b, Fuser) and a.transfers is b.transfers
-            and a.search == b.search and a.mode == b.mode and a.fast == b.fast
-            and a.eos_token_id == b.eos_token_id and len(a.weights) == len(b.weights)
-            and all(abs(x - y) < 1e-9 for x, y in zip(a.weights, b.weights)))
-
-
-def method_fusers(methods: list[str], members, make_fuser, eta: float, adapt: dict | None,
-                  mined_maps=None) -> dict:
-    """method -> (the members it runs, its fuser). `make_fuser(weights)` gives a DEEPEN Fuser
-    (weights None: the config's); every DEEPEN method shares one Fuser's transfers."""
-    from copy import copy
-    from dataclasses import replace
-
-    from .ensemble import single_fuser
-    out, bases = {}, {}
-    for m in methods:
-        if m in COMBINERS:
-            continue
-        if m.startswith("single:"):
-            member = next(x for x in members if x.name == m[7:])
-            out[m] = ([member], single_fuser([member]))
-        elif m == "minED":
-            maps = mined_maps()
-            out[m] = (members, MinEDFuser(maps, [1 / len(members)] * len(members)))
-        else:
-            kind = m.split("@")[0]
-            if "base" not in bases:
-                bases["base"] = make_fuser(None)
-            fuser = copy(bases["base"])
-            fuser.seconds = defaultdict(float)
-            fuser.search = replace(fuser.search, eta=method_eta(m, eta))
-            if kind == "deepen-avg":
-                fuser.weights = [1 / len(members)] * len(members)
-            elif kind == "deepen-letters":
-                fuser.weights = [1 / len(members)] * len(members)
-            elif kind == "deepen-adapt":
-                fuser.weights = [adapt["weights"][x.name] for x in members]
-            out[m] = (members, fuser)
-    return out
-
-
-# ---- letters -----------------------------------------------------------------------------------
-
-def letter_ids(tokenizer, letters: str) -> list[list[int]]:
-    """Per letter, the single tokens that spell it after 'Answer:' (' A' and 'A')."""
-    index = ids_by_bytes(token_bytes(tokenizer))
-    out = []
-    for letter in letters:
-        ids = [index[b] for b in (f" {letter}".encode(), letter.encode()) if b in index]
-        if not ids:
-            raise ValueError(f"the tokenizer has no single token for option {letter!r}")
-        out.append(ids)
-    return out
-
-
-def letter_scores(logits: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
-    """(B, letters): each letter's best logit over its spellings."""
-    return torch.stack([logits[:, i].amax(-1) for i in ids], dim=1)
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -256,7 +86,7 @@ class Evaluation:
         groups = [len(g) for g in ids[0]]
         writers = {m: ResultWriter(self.path(m), append=True) for m in methods}
         seconds = {m: 0.0 for m in methods}
-        bar = _bar(len(pending), f"{self.task.name} {self.split}", self.progress)
+        bar = Progress(len(pending), f"{self.task.name} {self.split}", "questions", self.progress)
         t_all = time.perf_counter()
         try:
             for start in range(0, len(pending), self.batch):
@@ -292,28 +122,11 @@ class Evaluation:
             i = [m.name for m in self.members].index(method[7:])
             return letter_scores(logits[i], ids[i])
         fuser = self.fusers[method][1]
-        if isinstance(fuser, Fuser):
-            result = self.fused(fuser, logits, flat_main)
-        else:
-            result = fuser.step(logits, include=flat_main)
-        picked = result.include_logits.float()
+        # every DEEPEN method of the batch shares the members' relative vectors (an eta sweep
+        # only adds searches)
+        memo = self._relatives if isinstance(fuser, Fuser) else None
+        picked = fuser.step(logits, include=flat_main, memo=memo).include_logits.float()
         return torch.stack([part.amax(-1) for part in picked.split(groups, dim=1)], dim=1)
-
-    def fused(self, fuser: Fuser, logits, include):
-        """Fuser.step, with the members' relative vectors computed once per batch and shared by
-        every DEEPEN method (an eta sweep only adds searches)."""
-        fuse = fuser.rows_to_fuse(logits[0], None)
-        if not fuse.any():
-            return fuser.decide(logits[0], None, fuse, include=include)
-        rows = fuse.nonzero(as_tuple=True)[0]
-        key = (id(logits[0]), tuple(rows.tolist()))
-        if self._relatives.get("key") != key:
-            t0 = time.perf_counter()
-            parts = [fuser.member_relative(i, l[rows])[0] for i, l in enumerate(logits)]
-            self._relatives = {"key": key, "parts": parts}
-            fuser.seconds["relative"] += time.perf_counter() - t0
-        r = aggregate(self._relatives["parts"], fuser.weights)
-        return fuser.decide(logits[0], r, fuse, {}, include)
 
     # -- free generation through the engine
     def run_generate(self, method: str):
@@ -323,7 +136,7 @@ class Evaluation:
         requests = [Request(i, self.prompts[i], self.meta.get("max_new_tokens") or self.task.max_new_tokens,
                             self.task.stop) for i in todo]
         writer = ResultWriter(self.path(method), append=True)
-        bar = _bar(len(todo), f"{self.task.name} {self.split} {method}", self.progress)
+        bar = Progress(len(todo), f"{self.task.name} {self.split} {method}", "questions", self.progress)
         tokens = 0
 
         def on_result(result):
@@ -333,7 +146,7 @@ class Evaluation:
             writer.write(self.record(method, result.request.id, answer, prediction=result.text,
                                      tokens=len(result.ids), finish_reason=result.finish,
                                      fused_steps=result.fused_steps))
-            bar.update(1)
+            bar.update(1, f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
 
         t0 = time.perf_counter()
         try:
@@ -347,7 +160,7 @@ class Evaluation:
     def copy_generation(self, method: str, twin: str):
         """`method` decodes exactly as `twin`, which this run has just finished: its rows are
         the twin's texts and answers, scored again, marked `decoded_as`. No time is spent."""
-        rows = {r["id"]: r for r in _read(self.path(twin))}
+        rows = {r["id"]: r for r in read_results(self.path(twin))}
         writer = ResultWriter(self.path(method), append=True)
         keep = ("prediction", "tokens", "finish_reason", "fused_steps")
         try:
@@ -372,7 +185,7 @@ class Evaluation:
             raise ValueError(f"{method}: only for multiple-choice tasks in choice mode")
         t0 = time.perf_counter()
         fuser = self.fusers[method][1]
-        singles = [{r["id"]: r["letter_logits"] for r in _read(self.path(f"single:{m.name}"))}
+        singles = [{r["id"]: r["letter_logits"] for r in read_results(self.path(f"single:{m.name}"))}
                    for m in self.members]
         ids = [letter_ids(m.tokenizer, self.task.letters) for m in self.members]
         sizes = [m.model.get_output_embeddings().weight.shape[0] for m in self.members]
@@ -404,7 +217,7 @@ class Evaluation:
         if method.startswith("deepen+"):
             voters.append(next(m for m in self.methods if m.startswith("deepen") and m not in COMBINERS))
         voters += names
-        answers = {v: {r["id"]: r["answer"] for r in _read(self.path(v))} for v in voters}
+        answers = {v: {r["id"]: r["answer"] for r in read_results(self.path(v))} for v in voters}
         order = list(range(len(voters)))  # ties: DEEPEN first, then the main member, ...
         writer = ResultWriter(self.path(method), append=False)
         try:
@@ -425,7 +238,7 @@ class Evaluation:
     def summarize(self, method: str, seconds: float, extra: dict | None = None):
         """Counts over this run's questions (a file resumed with another sample may hold more)."""
         wanted = set(self.prompts)
-        rows = [r for r in _read(self.path(method)) if r["id"] in wanted]
+        rows = [r for r in read_results(self.path(method)) if r["id"] in wanted]
         correct = sum(r["correct"] for r in rows)
         previous = read_summary(self.folder).get(method, {})
         resumed = bool(self.done.get(method))
@@ -455,11 +268,5 @@ def prefill(member, prompts: list[str]) -> torch.Tensor:
     return lane.logits
 
 
-def _read(path: Path) -> list[dict]:
+def read_results(path: Path) -> list[dict]:
     return read_jsonl(path) if path.exists() else []
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="q", disable=not enabled, mininterval=2)
-

@@ -113,7 +113,7 @@ def eta_sweeps(results: Path) -> dict:
 
 
 def _answers(path: Path) -> dict:
-    from .prompts import read_jsonl
+    from ..jobs.files import read_jsonl
     return {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
 
 

@@ -1,0 +1,74 @@
+"""The Python API: load an ensemble from its TOML file once, then generate as often as needed
+(in the style of vLLM's `LLM.generate`). Results have the fields of `deepen generate`'s JSON lines.
+
+    from runtime import Ensemble
+
+    ensemble = Ensemble("configs/smol-gemma.toml")
+    for out in ensemble.generate(["Question: Who wrote Hamlet?\\nAnswer:"], max_new_tokens=12, stop="\\n"):
+        print(out["completion"], out["finish_reason"], out["fused_steps"])
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .engine.engine import Engine
+from .engine.sequence import Request, Result
+from .jobs.files import parse_request
+from .members.config import EnsembleConfig, load_config
+from .members.ensemble import anchors_entry, load_members, make_fuser, single_fuser
+
+
+class Ensemble:
+    """An ensemble, loaded: its members' models and tokenizers, anchors and fuser.
+
+    config: a TOML path (or a loaded EnsembleConfig). member: run that member alone, through the
+    same engine (its own greedy decoding). mode ("fast" | "exact") and eta override the config.
+    Anchors are built on first use if the cache lacks them (minutes for large vocabularies)."""
+
+    def __init__(self, config: str | Path | EnsembleConfig, *, member: str | None = None,
+                 mode: str | None = None, eta: float | None = None, home: Path | None = None,
+                 log=lambda message: None):
+        cfg = config if isinstance(config, EnsembleConfig) else load_config(config)
+        if eta is not None:
+            if not eta >= 0:
+                raise ValueError(f"eta must be >= 0, got {eta}")
+            cfg = dataclasses.replace(cfg, eta=eta)
+        if member is not None:
+            names = [m.name for m in cfg.members]
+            if member not in names:
+                raise ValueError(f"no member named {member!r} (members: {', '.join(names)})")
+            cfg = dataclasses.replace(cfg, main=member, members=tuple(m for m in cfg.members if m.name == member))
+        self.config = cfg
+        self.members = load_members(cfg, home=home, log=log)
+        self.fuser = single_fuser(self.members) if member is not None else \
+            make_fuser(cfg, self.members, anchors_entry(cfg, self.members, home, log=log), mode)
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def run(self, requests: list[Request], batch: int = 8, on_result=None) -> list[Result]:
+        """Decode requests (continuous batching, `batch` rows in flight); results in the order
+        rows finish, each also passed to `on_result` the moment it does."""
+        engine = Engine(self.members, self.fuser, max_batch=batch)
+        self.last_engine = engine
+        return engine.run(requests, on_result)
+
+    def generate(self, prompts, *, max_new_tokens: int = 64, stop: str | list[str] = (),
+                 batch: int = 8, on_result=None) -> list[dict]:
+        """prompts: a string, or a list of strings or of dicts with the JSON-lines fields (`id`,
+        `prompt`, and optionally `max_new_tokens`, `stop` and fields of your own). Returns one
+        record per prompt, in the order given: id (a string's index), completion, tokens,
+        finish_reason (eos | stop | length), member_tokens, fused_steps, your fields."""
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        requests = []
+        for i, item in enumerate(items):
+            obj = {"id": i, "prompt": item} if isinstance(item, str) else item
+            requests.append(parse_request(obj, f"prompts[{i}]", max_new_tokens, stop))
+        if len({r.id for r in requests}) < len(requests):
+            raise ValueError("prompts: ids must be unique")
+        order = {r.id: k for k, r in enumerate(requests)}
+        results = self.run(requests, batch, None if on_result is None else lambda r: on_result(r.record()))
+        return [r.record() for r in sorted(results, key=lambda r: order[r.request.id])]

@@ -1,0 +1,107 @@
+"""What crosses between ranks in one decoding step: the distributed side of `Fuser.step`.
+
+Per step, in order (B = rows in the batch, |A| = anchors):
+  control   rank 0's admission plan, msgpack bytes (never pickle) broadcast to every rank,
+            only when it changes something (new prompts, dropped slots, the end)
+  rows      the main leader's fuse mask (B bytes), broadcast over the leaders' group
+  gather    each leader's relative vectors for the fused rows + fast mode's neglected mass,
+            (F x (|A| + 1)) fp32, gathered to the main leader
+  tokens    the chosen tokens and fused flags (2 x B int64), broadcast from rank 0 to every rank
+Ranks of a tensor-parallel member that are not its leader take part in control and tokens only.
+"""
+from __future__ import annotations
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from ..deepen.fusion import StepResult
+from ..engine.scheduler import Plan
+from ..engine.sequence import Request
+
+
+def broadcast_message(message: dict | None, src: int = 0) -> dict:
+    """msgpack bytes in a uint8 tensor: the length first, then the bytes (never pickle)."""
+    if dist.get_rank() == src:
+        payload = msgpack.packb(message, use_bin_type=True)
+        size = torch.tensor([len(payload)], dtype=torch.long)
+    else:
+        size = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(size, src)
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if dist.get_rank() == src \
+        else torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(data, src)
+    return msgpack.unpackb(data.numpy().tobytes(), raw=False)
+
+
+def gather_messages(message: dict) -> list[dict]:
+    """Every rank's message, on every rank (msgpack over all_gather, padded to the longest)."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.long))
+    longest = int(max(sizes))
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(parts, mine)
+    return [msgpack.unpackb(t[:int(n)].numpy().tobytes(), raw=False) for t, n in zip(parts, sizes)]
+
+
+class GroupExchange:
+    """The exchange of a rank in a World (runtime/distributed/world.py)."""
+
+    def __init__(self, world):
+        self.world = world
+        self.is_root = world.rank == 0
+        self.leads = world.is_leader
+        self.is_main = world.member == 0 and world.is_leader
+        self.gathered_bytes = 0      # relative vectors received by the main leader, over the run
+        self.row_steps = 0           # rows x steps
+
+    def share_plan(self, plan: Plan | None) -> Plan:
+        """Rank 0's plan, on every rank. A step that admits nothing, drops nothing and is not the
+        last sends one byte (the message's length is its flag)."""
+        quiet = plan is not None and not plan.admit and not plan.drop and not plan.done
+        flag = torch.tensor([0 if quiet else 1], dtype=torch.uint8)
+        dist.broadcast(flag, 0)
+        if not int(flag):
+            return plan if plan is not None else Plan([], False, False)
+        message = None if plan is None else {"admit": [r.pack() for r in plan.admit], "drop": plan.drop,
+                                             "done": plan.done}
+        message = broadcast_message(message)
+        return Plan([Request.unpack(r) for r in message["admit"]], message["drop"], message["done"])
+
+    def share_rows(self, fuse: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The main leader's fuse mask, on every leader."""
+        if len(self.world.layout.leaders) == 1:
+            return fuse
+        mask = fuse.to(torch.uint8) if fuse is not None else torch.empty(batch, dtype=torch.uint8)
+        dist.broadcast(mask, 0, group=self.world.leaders_group)
+        return mask.bool()
+
+    def collect(self, parts: dict) -> list | None:
+        """Every leader's (relative vectors, neglected mass) for the fused rows, on the main
+        leader, in member order; None elsewhere."""
+        (r, neglected), = parts.values()
+        mine = torch.cat([r, (neglected if neglected is not None else torch.zeros(len(r)))[:, None]], 1)
+        leaders = self.world.layout.leaders
+        if len(leaders) == 1:
+            received = [mine]
+        else:
+            received = [torch.empty_like(mine) for _ in leaders] if self.is_main else None
+            dist.gather(mine.contiguous(), received, dst=0, group=self.world.leaders_group)
+        if not self.is_main:
+            return None
+        self.gathered_bytes += sum(t.numel() * t.element_size() for t in received)
+        self.row_steps += len(mine)
+        fast = neglected is not None
+        return [(t[:, :-1], t[:, -1] if fast else None) for t in received]
+
+    def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
+        """The chosen tokens and fused flags, from rank 0 to every rank."""
+        both = torch.stack([result.tokens, result.fused.long()]) if self.is_root \
+            else torch.empty(2, batch, dtype=torch.long)
+        dist.broadcast(both, 0)
+        if self.is_root:
+            return result
+        return StepResult(both[0], both[1].bool(), None)

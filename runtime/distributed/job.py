@@ -1,0 +1,196 @@
+"""The jobs `launcher/run.py` starts on every rank: generate over a JSON-lines file, and the
+bench. Any rank that fails stops the job: it prints one line naming its rank and member and
+exits non-zero; the others see their next collective fail (or the heartbeat go quiet) and do the
+same, naming the rank that stopped."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..bench.ranks import COMMUNICATION
+from ..engine.engine import Engine
+from ..engine.lane import Lane
+from ..engine.sequence import Request
+from ..jobs.files import ResultWriter, pending_requests
+from ..jobs.progress import peak_rss_mb
+from ..members.config import ConfigError, load_config
+from ..members.ensemble import anchors_entry, load_members, make_fuser
+from ..members.sources import load_model
+from .exchange import GroupExchange, broadcast_message, gather_messages
+from .heartbeat import Heartbeat
+from .world import global_rank, init_world, layout_for, shard_member, threads_per_rank
+
+_dying: list[str] = []
+
+
+def die(who: str, error: BaseException | str, code: int = 1):
+    sys.stderr.write(f"deepen: {who}: {error}\n")
+    sys.stderr.flush()
+    os._exit(code)  # never hang in atexit handlers or collectives
+
+
+def fail_job(world, heartbeat, what: str):
+    """Another rank failed: name it (from the heartbeats), then exit. Rank 0 hosts the store the
+    others read, so it leaves last."""
+    if _dying:
+        return
+    _dying.append(what)
+    why = heartbeat.identify()
+    if world.rank == 0:
+        time.sleep(3.0)
+    die(world.describe, f"{what} -- {why}")
+
+
+def _dist_errors() -> tuple:
+    import torch.distributed as dist
+    return tuple(e for e in (getattr(dist, "DistBackendError", None), getattr(dist, "DistError", None)) if e)
+
+
+class Rank:
+    """One rank of a job: its config and layout, the world, the heartbeat, and how it dies."""
+
+    def __init__(self, config_path: str, timeout: float, threads: int | None):
+        self.who = f"rank {global_rank()}"
+        try:
+            self.cfg = load_config(config_path)
+            self.layout = layout_for(self.cfg)
+        except (ConfigError, ValueError) as e:
+            die(self.who, e, 2)
+        if global_rank() < self.layout.world_size:
+            self.who = self.layout.describe(global_rank())
+        torch.set_num_threads(threads_per_rank(threads))
+        self.world = self.heartbeat = None
+        with self.guard():
+            self.world = init_world(self.layout, timeout)
+            self.heartbeat = Heartbeat(self.world, on_dead=lambda why: die(self.world.describe, f"stopping: {why}"))
+            # the deepspeed launcher and torchrun stop the other ranks with SIGTERM when one
+            # fails: say who we are and who went silent before going
+            signal.signal(signal.SIGTERM, lambda *_: fail_job(
+                self.world, self.heartbeat, "stopped by the launcher (a rank failed, or the job was cancelled)"))
+
+    @contextmanager
+    def guard(self):
+        """Any failure inside stops this rank loudly, naming it and (from the heartbeats) the
+        rank that went quiet; never a hang."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            die(self.who, "interrupted; rerun with --resume to finish", 130)
+        except Exception as e:  # noqa: BLE001 - any failure must stop this rank, not hang it
+            if self.heartbeat is not None and isinstance(e, (RuntimeError, *_dist_errors())):
+                fail_job(self.world, self.heartbeat, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            die(self.world.describe if self.world else self.who, f"{type(e).__name__}: {e}")
+
+    def load(self):
+        """This rank's member, sharded over its group, and (leaders) its relative transfer."""
+        members = load_members(self.cfg, with_models=False, log=lambda m: None)
+        mine = members[self.world.member]
+        mine.model = shard_member(load_model(mine.path, mine.config), self.world, getattr(torch, mine.config.dtype))
+        entry = anchors_entry(self.cfg, members, build=False)
+        fuser = make_fuser(self.cfg, members, entry, only=self.world.member if self.world.is_leader else -1)
+        return members, fuser
+
+    def engine(self, members, fuser, batch: int) -> Engine:
+        return Engine(members, fuser, batch, lanes={self.world.member: Lane(members[self.world.member])},
+                      exchange=GroupExchange(self.world))
+
+    def close(self):
+        self.heartbeat.close()  # before the store's host (rank 0) may leave
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def rank_report(rank: Rank, engine: Engine, seconds: float, tokens: int) -> dict:
+    """What a rank writes with --stats: the engine's figures plus where this rank sits."""
+    out = engine.report(seconds, tokens)
+    comm = sum(out["breakdown_s"].get(k, 0.0) for k in COMMUNICATION)
+    out.update({"rank": rank.world.rank, "member": rank.layout.names[rank.world.member],
+                "world_size": rank.layout.world_size, "communication_share": comm / max(seconds, 1e-9),
+                "gathered_bytes_per_row_step": engine.exchange.gathered_bytes / max(engine.exchange.row_steps, 1),
+                "peak_rss_mb": peak_rss_mb()})
+    if rank.world.rank != 0:
+        out["tokens_per_s"] = None
+    return out
+
+
+def generate(config_path, input_path, output_path, resume=False, overwrite=False, skip_bad=False,
+             batch=8, max_new_tokens=64, stop=(), timeout=120.0, threads=None, stats=None):
+    """`deepen generate` across ranks: rank 0 alone reads --input and writes --output."""
+    rank = Rank(config_path, timeout, threads)
+    with rank.guard():
+        # rank 0 checks the input before anyone loads a model; everybody learns the verdict
+        verdict, requests = None, None
+        if rank.world.rank == 0:
+            try:
+                requests, _ = pending_requests(input_path, output_path, resume, overwrite, max_new_tokens,
+                                               tuple(stop), skip_bad, warn=lambda m: print(m, file=sys.stderr))
+                verdict = {"error": None}
+            except (ValueError, OSError) as e:
+                verdict = {"error": str(e)}
+        verdict = broadcast_message(verdict)
+        if verdict["error"]:
+            die("error", verdict["error"], 2)
+        engine = rank.engine(*rank.load(), batch)
+        writer = ResultWriter(output_path, append=resume) if rank.world.rank == 0 else None
+        tokens = 0
+
+        def on_result(result):
+            nonlocal tokens
+            writer.write(result.record())
+            tokens += len(result.ids)
+
+        t0 = time.perf_counter()
+        engine.run(requests or [], on_result)
+        seconds = time.perf_counter() - t0
+        if writer is not None:
+            writer.close()
+            print(f"{writer.count} results -> {output_path}; {tokens} tokens in {seconds:.1f} s "
+                  f"({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+        if stats:  # rank 0 at the path given, rank r beside it with a suffix
+            path = Path(stats) if rank.world.rank == 0 else Path(f"{stats}.rank{rank.world.rank}")
+            path.write_text(json.dumps(rank_report(rank, engine, seconds, tokens), indent=1))
+        rank.close()
+
+
+def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, output=None,
+          timeout=120.0, threads=None):
+    """`deepen bench` across ranks: tokens/s from rank 0, every rank's own breakdown."""
+    from ..bench.bench import batch_of, bench_prompts
+    from ..bench.ranks import rank_run, rank_table, summarize_ranks
+    rank = Rank(config_path, timeout, threads)
+    with rank.guard():
+        members, fuser = rank.load()
+        prompts = bench_prompts(prompts_path) if rank.world.rank == 0 else None
+        prompts = broadcast_message({"prompts": prompts})["prompts"]
+
+        def once(size: int, tokens: int) -> dict:
+            engine = rank.engine(members, fuser, size)
+            fuser.seconds.clear()
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            results = engine.run([Request(i, p, tokens) for i, p in enumerate(batch_of(prompts, size))])
+            return rank_run(engine, time.perf_counter() - t0, results)
+
+        once(2, 2)  # warm-up
+        layout = rank.layout
+        out = {"config": config_path, "world_size": layout.world_size, "new_tokens": new_tokens,
+               "repeat": repeat, "layout": [layout.describe(r) for r in range(layout.world_size)], "batches": []}
+        for size in [int(b) for b in str(batch).split(",")]:
+            runs = []
+            for r in range(repeat):
+                if rank.world.rank == 0:
+                    print(f"batch {size}: run {r + 1}/{repeat}", file=sys.stderr)
+                runs.append(gather_messages(once(size, new_tokens)))
+            out["batches"].append(summarize_ranks(size, runs))
+        if rank.world.rank == 0:
+            if output:
+                Path(output).write_text(json.dumps(out, indent=1) + "\n")
+            print(rank_table(out))
+        rank.close()

@@ -1,0 +1,174 @@
+"""Several members in one torch.distributed world, each in its own tensor-parallel
+DeepSpeed-Inference group (docs/design.md has the picture of one step).
+
+Ranks are assigned to members in config order with the main member first: main gets ranks
+0..tp0-1, the next member the following tp1 ranks, and so on. The first rank of each member is
+its leader. Every rank loads every member's tokenizer (cheap) but only its own member's model,
+so all ranks can commit text and finish rows identically from the broadcast tokens. What a step
+sends between ranks is runtime/distributed/exchange.py.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Layout:
+    names: tuple[str, ...]        # main first
+    ranks: tuple[tuple[int, ...], ...]
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(r) for r in self.ranks)
+
+    @property
+    def leaders(self) -> list[int]:
+        return [r[0] for r in self.ranks]
+
+    def member_of(self, rank: int) -> int:
+        return next(i for i, ranks in enumerate(self.ranks) if rank in ranks)
+
+    def describe(self, rank: int) -> str:
+        i = self.member_of(rank)
+        role = "leader" if rank == self.ranks[i][0] else f"tp rank {self.ranks[i].index(rank)}"
+        return f"rank {rank} (member {self.names[i]!r}, {role})"
+
+
+def local_world_size() -> int:
+    """Ranks on this node, from whichever launcher started us: deepspeed (LOCAL_SIZE), torchrun
+    (LOCAL_WORLD_SIZE), Open MPI, MVAPICH or SLURM; 1 when none says."""
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
+                "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "").split("(")[0]  # SLURM may say "4(x2)"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def global_rank() -> int:
+    """This process's rank, before the world exists (deepspeed/torchrun, Open MPI, SLURM)."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def threads_per_rank(threads: int | None = None) -> int:
+    """torch threads for one rank: `threads` if given, else this node's cores shared among its
+    ranks (so two ranks on two cores do not each start two threads)."""
+    return threads or max(1, (os.cpu_count() or 1) // local_world_size())
+
+
+def layout_for(config) -> Layout:
+    names, ranks, start = [], [], 0
+    for m in config.ordered_members:
+        names.append(m.name)
+        ranks.append(tuple(range(start, start + m.tp_size)))
+        start += m.tp_size
+    return Layout(tuple(names), tuple(ranks))
+
+
+def check_world(layout: Layout, world_size: int):
+    if world_size != layout.world_size:
+        sizes = " + ".join(f"{n} tp_size {len(r)}" for n, r in zip(layout.names, layout.ranks))
+        raise LayoutError(f"the world has {world_size} ranks but the config needs "
+                          f"{layout.world_size} ({sizes}, main first)")
+
+
+def disable_shm_allreduce():
+    """On CPU, DeepSpeed's shared-memory all-reduce is initialised with the world and ignores
+    process groups: with two members on disjoint groups it silently returns wrong logits. Replace
+    its builder before `deepspeed.init_distributed()`, so inference all-reduces go through the
+    process group (see ../shared/spec/DISTRIBUTED-NOTES.md)."""
+    module = sys.modules.get("deepspeed.comm.torch") or importlib.import_module("deepspeed.comm.torch")
+    module.build_shm_op = lambda: None
+
+
+class GroupMPU:
+    """The `mpu` DeepSpeed-Inference asks for: without one it replaces the group we give it with
+    ranks 0..tp-1 and caches that on the class, so every member would land on the same ranks."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def get_model_parallel_group(self):
+        return self.group
+
+    def get_model_parallel_rank(self):
+        return dist.get_rank(group=self.group)
+
+    def get_model_parallel_world_size(self):
+        return dist.get_world_size(group=self.group)
+
+
+@dataclass
+class World:
+    layout: Layout
+    rank: int
+    member: int                   # index of this rank's member (0 = main)
+    member_groups: list
+    leaders_group: object
+    device: torch.device
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.layout.ranks[self.member][0]
+
+    @property
+    def describe(self) -> str:
+        return self.layout.describe(self.rank)
+
+
+def init_world(layout: Layout, timeout_s: float) -> World:
+    """The process groups: one per member, one for the leaders; every rank creates every group,
+    in the same order."""
+    import deepspeed
+    disable_shm_allreduce()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    check_world(layout, dist.get_world_size())
+    rank = dist.get_rank()
+    member_groups = [dist.new_group(list(r)) for r in layout.ranks]
+    leaders_group = dist.new_group(layout.leaders)
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return World(layout, rank, layout.member_of(rank), member_groups, leaders_group, device)
+
+
+def shard_member(model, world: World, dtype: torch.dtype):
+    """Wrap this rank's member with DeepSpeed-Inference AutoTP over its own group (tp = 1
+    included). With any tp > 1 member, DeepSpeed broadcasts an RNG state over the *world* during
+    init_inference: ranks of tp = 1 members post the same broadcast so nobody waits forever."""
+    import deepspeed
+    group = world.member_groups[world.member]
+    tp = len(world.layout.ranks[world.member])
+    try:
+        engine = deepspeed.init_inference(
+            model, tensor_parallel={"tp_size": tp, "tp_group": group, "mpu": GroupMPU(group)},
+            dtype=dtype, replace_with_kernel_inject=False)
+    except Exception as e:  # AutoTP has no policy for this architecture, or shapes don't split
+        raise LayoutError(f"{world.describe}: DeepSpeed AutoTP could not shard "
+                          f"{type(model).__name__} over tp_size {tp}: {e}") from e
+    if tp == 1 and any(len(r) > 1 for r in world.layout.ranks):
+        from deepspeed.accelerator import get_accelerator
+        state = get_accelerator().get_rng_state()
+        dist.broadcast(state, 0)
+    return engine.module
+
+

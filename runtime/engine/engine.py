@@ -1,0 +1,195 @@
+"""The decoding engine: DEEPEN over a batch, KV-cached, with continuous batching.
+
+One loop for one process and for many ranks (`Engine.run`), one step (`Engine.step`):
+  1. plan: the scheduler admits waiting prompts into free slots (each member prefills them in
+     its own pass); under the launcher rank 0 plans and the exchange shares the plan;
+  2. fuse: the members' next-token logits -> one main-model token per row (`Fuser.step`, the
+     per-step protocol; the exchange carries what crosses between member groups);
+  3. commit: append the token to the row; finish rows on EOS, a stop string or max_new_tokens;
+  4. advance: the main member appends its chosen id as it is; every assist re-encodes the
+     committed text and keeps the longest common prefix (engine/lane.py); then every member runs
+     one batched forward pass over its new tokens.
+The committed text is what the main member's ids decode to; every assist's tokens decode to it.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from ..deepen.fusion import LOCAL
+from .lane import Lane
+from .scheduler import Scheduler
+from .sequence import Request, Result, Row
+from .stops import completes_stop
+
+
+class Engine:
+    """`lanes`: {member index: Lane} of the members this process runs (default: all of them);
+    `exchange`: how a step reaches the members that run elsewhere (default: nowhere)."""
+
+    def __init__(self, members, fuser, max_batch: int = 8, lanes: dict[int, Lane] | None = None,
+                 exchange=LOCAL):
+        self.members = members
+        self.fuser = fuser
+        self.exchange = exchange
+        self.scheduler = Scheduler(max_batch)
+        self.lanes = lanes if lanes is not None else {i: Lane(m) for i, m in enumerate(members)}
+        self.main = members[0].tokenizer
+        self.eos = members[0].eos_token_id
+        self.slots: list[Row | None] = []
+        self.seconds: dict[str, float] = defaultdict(float)  # where step time goes
+        self.steps = 0
+        self.stats = {"rows": 0, "fused_rows": 0, "neglected_mass_sum": None, "neglected_mass_max": None}
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per part: control, prefill:<member>, forward:<member>, resync, and the fused
+        step's rules, relative, gather, search, broadcast."""
+        out = defaultdict(float, self.seconds)
+        for k, v in getattr(self.fuser, "seconds", {}).items():
+            out[k] += v
+        return dict(out)
+
+    def report(self, seconds: float, tokens: int) -> dict:
+        """This process's figures for a run: steps, rows fused, neglected mass, where time went."""
+        return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+                "steps": self.steps, **self.stats, "breakdown_s": self.breakdown()}
+
+    def _timed(self, key: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.seconds[key] += time.perf_counter() - t0
+        return out
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self, requests=(), on_result=None) -> list[Result]:
+        """Decode every request; `on_result` sees each result as soon as its row finishes. Under
+        the launcher every rank calls this; only the root's `requests` count, and only the root
+        gets results."""
+        if self.exchange.is_root:
+            self.scheduler.add(requests)
+        results = []
+        while True:
+            plan = self.scheduler.plan(self.slots) if self.exchange.is_root else None
+            plan = self._timed("control", self.exchange.share_plan, plan)
+            if plan.done:
+                return results
+            self.admit(plan.admit)
+            if plan.drop:
+                self.drop_free_slots()
+            for result in self.step():
+                if self.exchange.is_root:
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+
+    def admit(self, requests: list[Request]):
+        """Place requests into free slots (new slots up to max_batch); every lane prefills them."""
+        placed = []
+        for request in requests:
+            free = [i for i, r in enumerate(self.slots) if r is None]
+            slot = free[0] if free else len(self.slots)
+            if not free:
+                self.slots.append(None)
+            self.slots[slot] = Row(request)
+            placed.append((slot, request))
+        if placed:
+            for lane in self.lanes.values():
+                self._timed(f"prefill:{lane.member.name}", lane.admit,
+                            [s for s, _ in placed], [r.prompt for _, r in placed])
+
+    def step(self) -> list[Result]:
+        active = [i for i, r in enumerate(self.slots) if r is not None]
+        rows = [self.slots[i] for i in active]
+        logits = {i: lane.logits[active] for i, lane in self.lanes.items()} if self.exchange.leads else {}
+        skip = self._timed("rules", self.skip_mask, rows, logits[0]) if 0 in logits else None
+        result = self.fuser.step(logits, skip, exchange=self.exchange, batch=len(active))
+        self.steps += 1
+        self.count(result)
+        finished, keep_slots, texts = self.commit(active, result.tokens.tolist(), result.fused.tolist())
+        self.advance(keep_slots, texts)
+        return finished
+
+    def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor:
+        """Rows where the main model's own token would complete a stop string: no fusion."""
+        own = main_logits.argmax(-1).tolist()
+        return torch.tensor([bool(r.request.stop) and
+                             completes_stop(self.main.decode(r.ids + [t]), r.request.stop) is not None
+                             for r, t in zip(rows, own)], dtype=torch.bool)
+
+    def count(self, result):
+        """Rows, fused rows and (fast mode) the neglected mass per member, over the run."""
+        self.stats["rows"] += len(result.tokens)
+        self.stats["fused_rows"] += int(result.fused.sum())
+        neglected = result.stats.get("neglected_mass")
+        if neglected:
+            s = self.stats
+            if s["neglected_mass_sum"] is None:
+                s["neglected_mass_sum"], s["neglected_mass_max"] = [0.0] * len(neglected), [0.0] * len(neglected)
+            for i, per_row in enumerate(neglected):
+                s["neglected_mass_sum"][i] += sum(per_row)
+                s["neglected_mass_max"][i] = max([s["neglected_mass_max"][i], *per_row])
+
+    def commit(self, active: list[int], tokens: list[int], fused: list[bool]):
+        """Append each row's token; finish rows on EOS, a stop string or max_new_tokens.
+        Returns (finished results, slots still running, their committed texts)."""
+        finished, keep_slots, texts = [], [], []
+        for slot, token, was_fused in zip(active, tokens, fused):
+            row = self.slots[slot]
+            row.fused_steps += int(was_fused)
+            if row.first_token is None:
+                row.first_token = time.perf_counter()
+            finish = None
+            if token == self.eos:
+                finish = "eos"
+            else:
+                row.ids.append(token)
+                row.text = self.main.decode(row.ids)
+                cut = completes_stop(row.text, row.request.stop)
+                if cut is not None:
+                    row.text, finish = cut, "stop"
+                elif len(row.ids) >= row.request.max_new_tokens:
+                    finish = "length"
+            if finish:
+                finished.append(self._result(row, finish))
+                self.slots[slot] = None
+            else:
+                keep_slots.append(slot)
+                texts.append(row.text)
+        return finished, keep_slots, texts
+
+    def advance(self, slots: list[int], texts: list[str]):
+        """Every lane takes the step's tokens and runs one forward pass over what is new: the
+        main member appends its chosen ids as they are; assists resync from the text."""
+        for i, lane in self.lanes.items():
+            if i == 0:
+                pending = self._timed("resync", lane.append, slots, [self.slots[s].ids[-1] for s in slots])
+            else:
+                pending = self._timed("resync", lane.sync, slots, texts)
+            if slots:
+                self._timed(f"forward:{lane.member.name}", lane.forward, slots, pending)
+
+    def _result(self, row: Row, finish: str) -> Result:
+        counts = {}
+        if self.exchange.is_root:  # the completion's length in each member's own tokens
+            for m in self.members:
+                prefix = m.render(row.request.prompt)
+                full, head = m.tokenizer([prefix + row.text, prefix])["input_ids"]
+                counts[m.name] = len(full) - len(head)
+        return Result(row.request, row.text, row.ids, finish, counts, row.fused_steps,
+                      row.first_token - row.admitted)
+
+    def drop_free_slots(self):
+        """No prompt is waiting: free slots would only compute padding. Drop them."""
+        keep = [i for i, r in enumerate(self.slots) if r is not None]
+        if len(keep) == len(self.slots):
+            return
+        for lane in self.lanes.values():
+            lane.keep_slots(keep)
+        self.slots = [self.slots[i] for i in keep]

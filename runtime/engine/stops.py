@@ -1,0 +1,27 @@
+"""Stop strings: where a completion ends, and the stop strings people type on a shell."""
+from __future__ import annotations
+
+import re
+
+# the escapes a shell user means when typing --stop '\n': backslash + one of these, or \xHH,
+# \uHHHH, \UHHHHHHHH. Every other character, non-ASCII included, stands for itself.
+_ESCAPE = re.compile(r"\\(?:([\\'\"abfnrtv0])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
+_SIMPLE = {"\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+           "t": "\t", "v": "\v", "0": "\0"}
+
+
+def parse_stop(text: str) -> str:
+    """A stop string from the command line: backslash escapes (`\\n`, `\\t`, `\\u3002`) become
+    the characters they name; any other character (`。`, `é`, an emoji) is kept as it is."""
+    def replace(m: re.Match) -> str:
+        simple, *codes = m.groups()
+        if simple is not None:
+            return _SIMPLE[simple]
+        return chr(int(next(c for c in codes if c is not None), 16))
+    return _ESCAPE.sub(replace, text)
+
+
+def completes_stop(text: str, stop: tuple[str, ...]) -> str | None:
+    """The text up to the first stop string it contains, or None if it contains none."""
+    cut = [text.index(s) for s in stop if s and s in text]
+    return text[:min(cut)] if cut else None
