@@ -2,42 +2,17 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from runtime.engine.stops import parse_stop
-from runtime.members.config import ConfigError, load_config
-from runtime.members.sources import MemberError, deepen_home
+from runtime.members.config import load_config
+from runtime.members.sources import deepen_home
 
-EXPECTED = (ConfigError, MemberError, FileNotFoundError, FileExistsError, ValueError)  # InputError is a ValueError
-
-
-def echo_err(message: str):
-    click.echo(message, err=True)
-
-
-def fail(message: str):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-class Command(click.Command):
-    """Expected errors (bad config, missing member, bad input) end in one line, exit status 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EXPECTED as e:
-            fail(str(e))
-
-
-class Group(click.Group):
-    command_class = Command
-    group_class = type
-
+from .cli_bench import COMMANDS
+from .common import Command, Group, echo_err, fail
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
@@ -215,166 +190,8 @@ def report(results, split, out_dir):
     click.echo((Path(out_dir or results) / "report.md").read_text())
 
 
-@main.command("bench", cls=Command)
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--batch", default="1,8,32", show_default=True, help="comma-separated batch sizes")
-@click.option("--new-tokens", default=32, show_default=True)
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
-              help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
-@click.option("--repeat", default=3, show_default=True, help="repetitions after a warm-up")
-@click.option("--compare", default="members,reference", show_default=True,
-              help="comma-separated: members (each alone, same engine), reference (authors' loop), "
-                   "exact (exact vs fast fusion, where exact mode's matrices fit in memory)")
-@click.option("--reference-prompts", default=2, show_default=True)
-@click.option("--reference-tokens", default=8, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False), help="write the JSON here")
-@click.option("--plots", type=click.Path(file_okay=False), help="write throughput.png and breakdown.png here")
-def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, reference_prompts,
-                  reference_tokens, output, plots):
-    """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
-    from one run, with the share of step time in each part (min/median/max over --repeat)."""
-    from runtime.bench.bench import bench, bench_prompts, exact_fuser_if_it_fits, plot, table
-    from runtime.jobs.progress import peak_rss_mb
-    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
-    cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
-    entry = anchors_entry(cfg, members, log=echo_err)
-    fuser = make_fuser(cfg, members, entry)
-    exact = exact_fuser_if_it_fits(cfg, members, entry, log=echo_err) if "exact" in compare else None
-    result = bench(members, fuser, bench_prompts(prompts_path), [int(b) for b in batch.split(",")], new_tokens,
-                   repeat, tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
-                   log=echo_err, exact_fuser=exact)
-    result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1)})
-    if output:
-        Path(output).write_text(json.dumps(result, indent=1) + "\n")
-    click.echo(table(result))
-    click.echo(f"peak RSS of this process: {result['peak_rss_mb']} MB")
-    if plots:
-        for path in plot(result, plots):
-            click.echo(f"plot: {path}")
-
-
-@main.command("bench-compare", cls=Command)
-@click.argument("first", type=click.Path(dir_okay=False, exists=True))
-@click.argument("second", type=click.Path(dir_okay=False, exists=True))
-def bench_compare(first, second):
-    """Do two `deepen bench --output` results agree within the noise they report (their
-    min..max tokens/s ranges overlap for every batch size and series)? Exit status 1 if not."""
-    from runtime.bench.bench import compare_runs
-
-    def load(path):
-        try:
-            result = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(result, dict) or not isinstance(result.get("batches"), list):
-            raise ValueError(f"{path}: no 'batches' list: not a `deepen bench --output` result")
-        return result
-
-    text, ok = compare_runs(load(first), load(second))
-    click.echo(text)
-    click.echo("agree within the reported noise" if ok else "DIFFER beyond the reported noise")
-    sys.exit(0 if ok else 1)
-
-
-@main.group(cls=Group)
-def measure():
-    """Measurements of the fusion on real members (agreement, step time)."""
-
-
-@measure.command("agreement")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--task", default="triviaqa", type=click.Choice(["triviaqa", "nq"]), show_default=True)
-@click.option("--prompts", "n_prompts", default=26, show_default=True, help="dev questions")
-@click.option("--new-tokens", default=20, show_default=True)
-@click.option("--setting", "settings", multiple=True,
-              help="fast-mode settings to compare, MASS_EPSILON:MAX_SUPPORT (repeatable; default: the config's)")
-@click.option("--batch", default=32, show_default=True)
-@click.option("--capture", type=click.Path(file_okay=False),
-              help="save every step's logits and exact tokens here (for `deepen measure replay`)")
-@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capture, output):
-    """Fast vs exact mode: decode with exact mode (no stop string) and run fast mode on the same
-    logits at every fused step; report token agreement and the largest neglected mass."""
-    from runtime.bench.measure import agreement, fast_fusers
-    from runtime.evaluation.tasks import qa_prompts
-    from runtime.jobs.progress import Progress
-    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
-    cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
-    entry = anchors_entry(cfg, members, log=echo_err)
-    exact = make_fuser(cfg, members, entry, "exact")
-    fast = fast_fusers(cfg, members, entry, settings)
-    prompts = qa_prompts(task, "dev", n_prompts)
-    t0 = time.perf_counter()
-    with Progress(len(prompts), "prompts", "prompts") as bar:
-        result = agreement(members, exact, fast, prompts, new_tokens, batch, progress=bar.update,
-                           capture=capture)
-    result.update({"config": config, "task": task, "prompts": len(prompts), "new_tokens": new_tokens,
-                   "anchors": exact.transfers[0].num_anchors, "batch": batch, "seconds": round(time.perf_counter() - t0, 1)})
-    _report(result, output)
-
-
-@measure.command("replay")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--capture", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--setting", "settings", multiple=True, help="MASS_EPSILON:MAX_SUPPORT (repeatable)")
-@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_replay(config, capture, settings, output):
-    """Fast-mode agreement on the steps an exact run captured (`measure agreement --capture`)."""
-    from runtime.bench.measure import fast_fusers, replay
-    from runtime.members.ensemble import anchors_entry, load_members
-    cfg = load_config(config)
-    members = load_members(cfg, with_models=False, log=echo_err)
-    entry = anchors_entry(cfg, members, build=False)
-    _report({"config": config, "capture": capture,
-             "results": replay(capture, fast_fusers(cfg, members, entry, settings))}, output)
-
-
-@measure.command("equality")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--prompts", "n_prompts", default=20, show_default=True, help="TriviaQA dev questions, 0-shot")
-@click.option("--new-tokens", default=32, show_default=True)
-@click.option("--batch", default=8, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_equality(config, n_prompts, new_tokens, batch, output):
-    """The engine (batched, KV-cached) against the reference loop (the authors' way: full
-    re-tokenisation of the assists, no cache, rows independent), same fusion mode: token-for-token
-    equality."""
-    from runtime.bench.measure import equality, zero_shot_prompts
-    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
-    cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
-    fuser = make_fuser(cfg, members, anchors_entry(cfg, members, log=echo_err))
-    result = equality(members, fuser, zero_shot_prompts(n_prompts), new_tokens, batch)
-    result.update({"config": config, "mode": fuser.mode, "new_tokens": new_tokens, "batch": batch})
-    _report(result, output)
-
-
-@measure.command("step")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--batch", default="1,8", show_default=True, help="comma-separated batch sizes")
-@click.option("--steps", default=12, show_default=True, help="decode steps per batch size")
-@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_step(config, batch, steps, output):
-    """Time of one fused step (transform + aggregation + search) next to the members' cached
-    one-token forward passes of that step, at each batch size (medians over STEPS)."""
-    from runtime.bench.measure import fusion_timing
-    from runtime.evaluation.tasks import qa_prompts
-    from runtime.members.ensemble import anchors_entry, load_members, make_fuser
-    cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
-    fuser = make_fuser(cfg, members, anchors_entry(cfg, members, log=echo_err))
-    prompts = qa_prompts("triviaqa", "dev", 32)
-    rows = [fusion_timing(members, fuser, prompts, int(b), steps) for b in batch.split(",")]
-    _report({"config": config, "mode": fuser.mode, "results": rows}, output)
-
-
-def _report(result: dict, output: str | None):
-    text = json.dumps(result, indent=1)
-    click.echo(text)
-    if output:
-        Path(output).write_text(text + "\n")
+for command in COMMANDS:
+    main.add_command(command)
 
 
 if __name__ == "__main__":

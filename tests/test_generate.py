@@ -108,3 +108,56 @@ def test_interrupted_job_resumes_to_the_same_output(tmp_path):
     lines = read_jsonl(part)
     assert len(lines) == 24 and len({r["id"] for r in lines}) == 24
     assert records(part) == want
+
+
+@pytest.mark.parametrize("typed,want", [
+    ("。", "。"), ("é", "é"), ("🤖", "🤖"), ("\n\n", "\n\n"), ("\\n", "\n"), ("\\n\\n", "\n\n"),
+    ("\\t", "\t"), ("a\\\\nb", "a\\nb"), ("\\u3002", "。"), ("Answer:", "Answer:"), ("naïve\\n", "naïve\n"),
+])
+def test_stop_strings_keep_unicode_and_read_shell_escapes(typed, want):
+    from runtime.engine.stops import parse_stop
+    assert parse_stop(typed) == want
+
+
+def test_stop_cuts_at_the_first_of_several():
+    from runtime.engine.stops import completes_stop
+    assert completes_stop("a, b。c", ("。", ",")) == "a"
+    assert completes_stop("abc", ("x",)) is None
+
+
+def test_a_non_ascii_stop_string_from_the_command_line_stops_the_completion(tiny, tmp_path):
+    """`--stop é` (or any character the completion holds) reaches the engine as itself: the
+    completion is the unstopped one cut right before it."""
+    from runtime.api import Ensemble
+    prompts = [WORDS[i % 8] + " " + WORDS[(i * 5) % 8] for i in range(8)]
+    free = Ensemble(ROOT / "configs" / "tiny.toml", home=tiny.home).generate(prompts, max_new_tokens=16)
+    char = next((c for r in free for c in r["completion"] if ord(c) > 127), None)
+    assert char is not None, "no completion holds a non-ASCII character"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p, "max_new_tokens": 16}) + "\n"
+                           for i, p in enumerate(prompts)))
+    out = tmp_path / "out.jsonl"
+    proc = deepen(tiny.home, "generate", "--config", "configs/tiny.toml", "--input", str(inp), "--output",
+                  str(out), "--stop", char)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    got = records(out)
+    for i, want in enumerate(free):
+        if char in want["completion"]:
+            assert got[i]["finish_reason"] == "stop"
+            assert got[i]["completion"] == want["completion"][:want["completion"].index(char)]
+        else:
+            assert got[i]["completion"] == want["completion"]
+
+
+def test_progress_in_a_log_is_plain_periodic_lines():
+    import io
+    from runtime.jobs.progress import Progress
+    log = io.StringIO()  # not a terminal
+    with Progress(4, "triviaqa test", "questions", stream=log, every=0) as bar:
+        for _ in range(4):
+            bar.update(1, "2.0 tok/s")
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 5  # one per update (every=0) and the last
+    assert lines[0].startswith("triviaqa test: 1/4 questions (25%)") and lines[-1].startswith("triviaqa test: 4/4")
+    assert lines[-1].endswith("2.0 tok/s")

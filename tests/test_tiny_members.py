@@ -1,4 +1,4 @@
-"""Tests for runtime/tiny_members.py: determinism, lossless tokenisation,
+"""Tests for runtime/members/tiny.py: determinism, lossless tokenisation,
 consistent special tokens, offline loading and a sane forward pass."""
 
 import os
@@ -11,7 +11,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,11 +57,8 @@ def test_layout(member_dirs):
     assert sorted(p.name for p in next(iter(member_dirs.values())).parent.iterdir()) == sorted(TINY_MEMBERS)
 
 
-def test_deterministic_and_fast(member_dirs, tmp_path):
-    t0 = time.perf_counter()
+def test_deterministic(member_dirs, tmp_path):
     again = build_tiny_members(tmp_path)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 10, f"building all members took {elapsed:.1f}s"
     for name in TINY_MEMBERS:
         a, b = member_dirs[name], again[name]
         assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes(), name

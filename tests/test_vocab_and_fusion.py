@@ -1,11 +1,9 @@
 """Anchors across tokenizer families, the anchors cache, and fusion on the tiny members."""
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from runtime.deepen.anchors import cached_entry, load_transfers
-from runtime.members.config import load_config
-from runtime.members.ensemble import anchors_entry, load_members, make_fuser
+from runtime.members.ensemble import anchors_entry, make_fuser
 from runtime.engine.reference import reference_decode
 from runtime.deepen.vocab import BYTE_LEVEL, SENTENCEPIECE, find_anchors, token_bytes, tokenizer_family, tokenizer_json
 
@@ -14,25 +12,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("deepen-home")
-
-
-@pytest.fixture(scope="module")
-def tiny(home):
-    cfg = load_config(ROOT / "configs" / "tiny.toml")
-    return cfg, load_members(cfg, home=home, log=lambda *a: None)
-
-
 def test_families_detected(tiny):
-    _, members = tiny
+    members = tiny.members
     families = {m.name: tokenizer_family(tokenizer_json(m.tokenizer)) for m in members}
     assert families == {"tiny-sp": SENTENCEPIECE, "tiny-bpe": BYTE_LEVEL, "tiny-bpe2": BYTE_LEVEL}
 
 
 def test_every_text_token_stands_for_the_bytes_it_decodes_to(tiny):
-    _, members = tiny
+    members = tiny.members
     for m in members:
         vocab_bytes = token_bytes(m.tokenizer)
         special = set(m.tokenizer.all_special_ids) | {
@@ -48,7 +35,7 @@ def test_every_text_token_stands_for_the_bytes_it_decodes_to(tiny):
 
 
 def test_space_markers_of_both_families_meet(tiny):
-    _, members = tiny
+    members = tiny.members
     sp, bpe = token_bytes(members[0].tokenizer), token_bytes(members[1].tokenizer)
     sp_id = members[0].tokenizer.convert_tokens_to_ids("\u2581the")
     bpe_id = members[1].tokenizer.convert_tokens_to_ids("\u0120the")
@@ -59,7 +46,7 @@ def test_space_markers_of_both_families_meet(tiny):
 
 
 def test_anchors_are_the_intersection_in_main_order(tiny):
-    _, members = tiny
+    members = tiny.members
     vocabs = [token_bytes(m.tokenizer) for m in members]
     anchors = find_anchors(vocabs)
     common = set(b for b in vocabs[0] if b) & set(b for b in vocabs[1] if b) & set(b for b in vocabs[2] if b)
@@ -70,8 +57,8 @@ def test_anchors_are_the_intersection_in_main_order(tiny):
     assert find_anchors(vocabs, max_anchors=10).tolist() == anchors[:, :10].tolist()
 
 
-def test_anchor_cache_is_keyed_and_reused(tiny, home):
-    cfg, members = tiny
+def test_anchor_cache_is_keyed_and_reused(tiny):
+    cfg, members, home = tiny.cfg, tiny.members, tiny.home
     entry = anchors_entry(cfg, members, home, progress=False, log=lambda *a: None)
     stamp = (entry / "member0.safetensors").stat().st_mtime_ns
     assert anchors_entry(cfg, members, home, progress=False) == entry
@@ -81,8 +68,8 @@ def test_anchor_cache_is_keyed_and_reused(tiny, home):
     assert cached_entry(list(reversed(prints)), 0, home / "anchors") is None
 
 
-def test_low_rank_transfer_equals_dense(tiny, home):
-    cfg, members = tiny
+def test_low_rank_transfer_equals_dense(tiny):
+    cfg, members, home = tiny.cfg, tiny.members, tiny.home
     entry = anchors_entry(cfg, members, home, progress=False)
     lows = load_transfers(entry, cache_rows=4)
     exact = make_fuser(cfg, members, entry, "exact").transfers
@@ -95,10 +82,10 @@ def test_low_rank_transfer_equals_dense(tiny, home):
         assert torch.allclose(low.right(g), dense.right(g), atol=1e-5)
 
 
-def test_fast_mode_agrees_with_exact_on_tiny_members(tiny, home):
+def test_fast_mode_agrees_with_exact_on_tiny_members(tiny):
     """The reference loop with exact fusion; fast mode on the same logits at every step."""
     from runtime.bench.measure import agreement
-    cfg, members = tiny
+    cfg, members, home = tiny.cfg, tiny.members, tiny.home
     entry = anchors_entry(cfg, members, home, progress=False)
     exact, fast = make_fuser(cfg, members, entry, "exact"), make_fuser(cfg, members, entry, "fast")
     prompts = ["The cat sees", "a dog likes the", "def f(x):\n", "café naïve", "my friend reads"]
@@ -107,8 +94,8 @@ def test_fast_mode_agrees_with_exact_on_tiny_members(tiny, home):
     assert result["agreement"] >= 0.97, result["disagreements"]
 
 
-def test_fusion_changes_some_tokens_and_decode_stays_consistent(tiny, home):
-    cfg, members = tiny
+def test_fusion_changes_some_tokens_and_decode_stays_consistent(tiny):
+    cfg, members, home = tiny.cfg, tiny.members, tiny.home
     entry = anchors_entry(cfg, members, home, progress=False)
     fuser = make_fuser(cfg, members, entry, "exact")
     changed = []

