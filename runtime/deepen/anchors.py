@@ -29,11 +29,6 @@ def cache_key(fingerprints: list[str], max_anchors: int, temperature: float = TE
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled)
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path):
     """Write a safetensors file straight from the tensors' memory (safetensors' own save_file
     first copies everything into one bytes object: +1 GB of peak memory for Gemma-3)."""
@@ -54,10 +49,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path):
 
 def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: list,
                        load_embedding: list, max_anchors: int, out_root: Path,
-                       progress: bool = True) -> Path:
+                       progress=None) -> Path:
     """Anchors + one LowRankTransfer per member, written atomically under out_root/<key>.
     `load_embedding[i]()` returns member i's input embeddings as a fresh fp32 tensor that the
-    build may overwrite (one member in memory at a time)."""
+    build may overwrite (one member in memory at a time). `progress(total, description)`, if
+    given, returns an object with update(n) and close() (runtime.jobs.progress.Progress)."""
     key = cache_key(fingerprints, max_anchors)
     out = out_root / key
     vocabs = [token_bytes(t) for t in tokenizers]
@@ -71,9 +67,11 @@ def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: li
         for i, name in enumerate(names):
             emb = load_embedding[i]()
             vocab_sizes.append(int(emb.shape[0]))
-            bar = _progress_bar(emb.shape[0], f"relative transfer {name}", progress)
-            transfer = LowRankTransfer.build(emb, anchor_ids[i], progress=bar.update, inplace=True)
-            bar.close()
+            bar = progress(emb.shape[0], f"relative transfer {name}") if progress else None
+            transfer = LowRankTransfer.build(emb, anchor_ids[i], progress=bar.update if bar else None,
+                                             inplace=True)
+            if bar:
+                bar.close()
             save_tensors(transfer.state(), tmp / f"member{i}.safetensors")
             del emb, transfer
         info = {"key": key, "members": names, "fingerprints": fingerprints,

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..deepen.fusion import LOCAL, StepResult
 from ..deepen.vocab import ids_by_bytes, token_bytes
+from ..jobs.progress import Progress
 
 
 def _as_text(b: bytes) -> str:
@@ -40,10 +41,7 @@ def min_edit_map(assist_bytes: list[bytes | None], main_bytes: list[bytes | None
             mapping[i] = exact[b]
         else:
             missing.append(i)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(missing), desc="minED map", unit="tok")
+    bar = Progress(len(missing), "minED map", "tokens") if progress else None
     for i in missing:
         _, _, main_id = process.extractOne(_as_text(assist_bytes[i]), choices, scorer=Levenshtein.distance)
         mapping[i] = main_id

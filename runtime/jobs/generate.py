@@ -23,7 +23,7 @@ def generate_file(ensemble, requests, output_path, append: bool, batch: int = 8,
     `stats_path`: also write the figures there as JSON (the format `launcher/run.py --stats`
     writes for rank 0). Raises Interrupted on Ctrl-C, after closing the file."""
     writer = ResultWriter(output_path, append=append)
-    bar = Progress(len(requests), "prompts", "prompts", progress)
+    bar = Progress(len(requests), "generate", "prompts", progress)
     tokens = 0
     t0 = time.perf_counter()
 

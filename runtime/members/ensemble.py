@@ -9,6 +9,7 @@ import torch
 from ..deepen.anchors import build_anchor_cache, cached_entry, exact_transfers, load_transfers
 from ..deepen.fusion import FastSettings, Fuser
 from ..deepen.search import SearchSettings
+from ..jobs.progress import Progress
 from .config import EnsembleConfig, MemberConfig
 from .sources import deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
 
@@ -64,7 +65,8 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
     log("building anchors and relative transfers (once per member set)")
     loaders = [lambda m=m: load_input_embedding(m.path, m.config) for m in members]
     return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
-                              loaders, config.anchors.max_anchors, root, progress)
+                              loaders, config.anchors.max_anchors, root,
+                              (lambda total, desc: Progress(total, desc, "tokens")) if progress else None)
 
 
 def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,

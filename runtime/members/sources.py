@@ -81,6 +81,7 @@ def convert_gguf(gguf: Path, out_dir: Path, source: str) -> Path:
     a model is rebuilt from its config and given the state dict."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_bars_off_terminal()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                   dtype=torch.float32)
@@ -217,8 +218,17 @@ def load_input_embedding(model_dir: Path, member: MemberConfig) -> torch.Tensor:
     return model.get_input_embeddings().weight.detach().float().clone()
 
 
+def quiet_bars_off_terminal():
+    """transformers' own progress bars (loading weights, converting GGUF) are carriage-return
+    updates: in a log file they are noise. Off unless stderr is a terminal."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
 def load_model(model_dir: Path, member: MemberConfig):
     from transformers import AutoModelForCausalLM
+    quiet_bars_off_terminal()
     check_weights_safe(model_dir, member)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=getattr(torch, member.dtype),
