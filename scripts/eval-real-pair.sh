@@ -30,7 +30,9 @@ $E --task triviaqa --split test --limit ${QA_TEST:-500} --eta dev --batch 16 \
 $E --task nq --split dev --limit ${QA_DEV:-40} --method single,deepen-avg --eta ${NQ_ETAS:-0.15}
 $E --task nq --split test --limit ${NQ_TEST:-500} --eta dev --batch 16 \
    --method single,deepen-avg,deepen-adapt,minED,mbr,deepen+mbr
-# GSM8K: chain of thought (the paper allows 512 new tokens): a small sample (see the README)
+# GSM8K: chain of thought (the paper allows 512 new tokens): a small sample (see the README);
+# the members alone on dev give DEEPEN-Adapt its weights
+$E --task gsm8k --split dev --limit ${GSM_DEV:-20} --batch 20 --max-new-tokens ${GSM_TOKENS:-128} --method single
 $E --task gsm8k --split test --limit ${GSM_TEST:-30} --batch 20 --max-new-tokens ${GSM_TOKENS:-128} \
-   --method single,deepen-avg,minED,vote,deepen+vote
+   --method single,deepen-avg,deepen-adapt,minED,vote,deepen+vote
 deepen report $OUT --out docs/results/eval
