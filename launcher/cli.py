@@ -105,11 +105,13 @@ def anchors_build(config, as_json):
               "and shell escapes ('\\n', '\\t', '\\u3002')")
 @click.option("--mode", type=click.Choice(["fast", "exact"]), help="override the config's fusion mode")
 @click.option("--eta", type=float, help="override the config's eta")
+@click.option("--device", help="cpu, cuda or cuda:N: where the members and the fusion run "
+              "(default: CUDA if present)")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
 @click.option("--stats", type=click.Path(dir_okay=False),
               help="write the run's figures here as JSON (steps, fused rows, neglected mass, time per part)")
 def generate(config, input_path, output_path, resume, overwrite, skip_bad, method, member, batch,
-             max_new_tokens, stop, mode, eta, threads, stats):
+             max_new_tokens, stop, mode, eta, device, threads, stats):
     """Decode every prompt of --input with the ensemble (or one member alone) into --output."""
     import torch
     from runtime.api import Ensemble
@@ -122,7 +124,8 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
         fail(f"--method single needs --member, one of: {', '.join(names)}")
     todo, done = pending_requests(input_path, output_path, resume, overwrite, max_new_tokens,
                                   tuple(parse_stop(s) for s in stop), skip_bad, warn=echo_err)
-    ensemble = Ensemble(config, member=member if method == "single" else None, mode=mode, eta=eta, log=echo_err)
+    ensemble = Ensemble(config, member=member if method == "single" else None, mode=mode, eta=eta,
+                        device=device, log=echo_err)
     try:
         results, figures = generate_file(ensemble, todo, output_path, resume, batch, stats_path=stats)
     except Interrupted as e:
@@ -158,9 +161,10 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
 @click.option("--max-new-tokens", type=int, help="override the task's new-token budget (GSM8K: 512)")
 @click.option("--resume", is_flag=True, help="go on with existing per-method files")
 @click.option("--overwrite", is_flag=True, help="start the named methods again")
+@click.option("--device", help="cpu, cuda or cuda:N (default: CUDA if present)")
 @click.option("--threads", type=int, help="torch threads")
 def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, eta_spec, fusion, out_root,
-             batch, max_new_tokens, resume, overwrite, threads):
+             batch, max_new_tokens, resume, overwrite, device, threads):
     """Score methods on one benchmark (the paper's prompts, shots, stops, answer extraction and
     metric): per-question JSONL and summary.json under --out/<task>-<split>[-free]."""
     import torch
@@ -168,7 +172,7 @@ def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, e
     if threads:
         torch.set_num_threads(threads)
     run = prepare(config, task, split, method_spec, limit, seed, data, answer_mode, eta_spec, fusion,
-                  out_root, batch, max_new_tokens, resume, overwrite, log=echo_err)
+                  out_root, batch, max_new_tokens, resume, overwrite, log=echo_err, device=device)
     try:
         run.run()
     except KeyboardInterrupt:

@@ -10,8 +10,11 @@ from pathlib import Path
 import click
 
 from runtime.members.config import load_config
+from runtime.members.devices import pick_device
 
 from .common import Command, Group, echo_err
+
+device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUDA if present)")
 
 @click.command("bench", cls=Command)
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
@@ -27,15 +30,16 @@ from .common import Command, Group, echo_err
 @click.option("--reference-tokens", default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the JSON here")
 @click.option("--plots", type=click.Path(file_okay=False), help="write throughput.png and breakdown.png here")
+@device_option
 def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, reference_prompts,
-                  reference_tokens, output, plots):
+                  reference_tokens, output, plots, device):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
     from one run, with the share of step time in each part (min/median/max over --repeat)."""
     from runtime.bench.bench import bench, bench_prompts, exact_fuser_if_it_fits, plot, table
     from runtime.jobs.progress import peak_rss_mb
     from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
+    members = load_members(cfg, log=echo_err, device=pick_device(device))
     entry = anchors_entry(cfg, members, log=echo_err)
     fuser = make_fuser(cfg, members, entry)
     exact = exact_fuser_if_it_fits(cfg, members, entry, log=echo_err) if "exact" in compare else None
@@ -91,7 +95,8 @@ def measure():
 @click.option("--capture", type=click.Path(file_okay=False),
               help="save every step's logits and exact tokens here (for `deepen measure replay`)")
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capture, output):
+@device_option
+def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capture, output, device):
     """Fast vs exact mode: decode with exact mode (no stop string) and run fast mode on the same
     logits at every fused step; report token agreement and the largest neglected mass."""
     from runtime.bench.measure import agreement, fast_fusers
@@ -99,7 +104,7 @@ def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capt
     from runtime.jobs.progress import Progress
     from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
+    members = load_members(cfg, log=echo_err, device=pick_device(device))
     entry = anchors_entry(cfg, members, log=echo_err)
     exact = make_fuser(cfg, members, entry, "exact")
     fast = fast_fusers(cfg, members, entry, settings)
@@ -135,14 +140,15 @@ def measure_replay(config, capture, settings, output):
 @click.option("--new-tokens", default=32, show_default=True)
 @click.option("--batch", default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_equality(config, n_prompts, new_tokens, batch, output):
+@device_option
+def measure_equality(config, n_prompts, new_tokens, batch, output, device):
     """The engine (batched, KV-cached) against the reference loop (the authors' way: full
     re-tokenisation of the assists, no cache, rows independent), same fusion mode: token-for-token
     equality."""
     from runtime.bench.measure import equality, zero_shot_prompts
     from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
+    members = load_members(cfg, log=echo_err, device=pick_device(device))
     fuser = make_fuser(cfg, members, anchors_entry(cfg, members, log=echo_err))
     result = equality(members, fuser, zero_shot_prompts(n_prompts), new_tokens, batch)
     result.update({"config": config, "mode": fuser.mode, "new_tokens": new_tokens, "batch": batch})
@@ -154,14 +160,15 @@ def measure_equality(config, n_prompts, new_tokens, batch, output):
 @click.option("--batch", default="1,8", show_default=True, help="comma-separated batch sizes")
 @click.option("--steps", default=12, show_default=True, help="decode steps per batch size")
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
-def measure_step(config, batch, steps, output):
+@device_option
+def measure_step(config, batch, steps, output, device):
     """Time of one fused step (transform + aggregation + search) next to the members' cached
     one-token forward passes of that step, at each batch size (medians over STEPS)."""
     from runtime.bench.measure import fusion_timing
     from runtime.evaluation.tasks import qa_prompts
     from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
-    members = load_members(cfg, log=echo_err)
+    members = load_members(cfg, log=echo_err, device=pick_device(device))
     fuser = make_fuser(cfg, members, anchors_entry(cfg, members, log=echo_err))
     prompts = qa_prompts("triviaqa", "dev", 32)
     rows = [fusion_timing(members, fuser, prompts, int(b), steps) for b in batch.split(",")]

@@ -16,6 +16,7 @@ from .engine.engine import Engine
 from .engine.sequence import Request, Result
 from .jobs.files import parse_request
 from .members.config import EnsembleConfig, load_config
+from .members.devices import pick_device
 from .members.ensemble import anchors_entry, load_members, make_fuser, single_fuser
 
 
@@ -24,11 +25,13 @@ class Ensemble:
 
     config: a TOML path (or a loaded EnsembleConfig). member: run that member alone, through the
     same engine (its own greedy decoding). mode ("fast" | "exact") and eta override the config.
-    Anchors are built on first use if the cache lacks them (minutes for large vocabularies)."""
+    device: "cpu", "cuda" or "cuda:N" for every member and the fusion (default: CUDA if
+    present). Anchors are built on first use if the cache lacks them (minutes for large
+    vocabularies)."""
 
     def __init__(self, config: str | Path | EnsembleConfig, *, member: str | None = None,
-                 mode: str | None = None, eta: float | None = None, home: Path | None = None,
-                 log=lambda message: None):
+                 mode: str | None = None, eta: float | None = None, device: str | None = None,
+                 home: Path | None = None, log=lambda message: None):
         cfg = config if isinstance(config, EnsembleConfig) else load_config(config)
         if eta is not None:
             if not eta >= 0:
@@ -40,7 +43,8 @@ class Ensemble:
                 raise ValueError(f"no member named {member!r} (members: {', '.join(names)})")
             cfg = dataclasses.replace(cfg, main=member, members=tuple(m for m in cfg.members if m.name == member))
         self.config = cfg
-        self.members = load_members(cfg, home=home, log=log)
+        self.device = pick_device(device)
+        self.members = load_members(cfg, home=home, log=log, device=self.device)
         self.fuser = single_fuser(self.members) if member is not None else \
             make_fuser(cfg, self.members, anchors_entry(cfg, self.members, home, log=log), mode)
 

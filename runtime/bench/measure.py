@@ -56,10 +56,10 @@ class ComparingFuser:
                     seen["disagreements"].append({"exact": int(result.tokens[i]), "fast": int(fast.tokens[i])})
             s = fast.stats
             seen["max_neglected_mass"] = max([seen["max_neglected_mass"]] +
-                                             [x for member in s["neglected_mass"] for x in member])
-            seen["max_search_tail_mass"] = max([seen["max_search_tail_mass"]] + s["tail_mass"])
-            seen["capped"] += sum(s["capped"])
-            seen["max_support"] = max([seen["max_support"]] + s["support"])
+                                             [float(m.max()) for m in s["neglected_mass"] if len(m)])
+            seen["max_search_tail_mass"] = max(seen["max_search_tail_mass"], float(s["tail_mass"].max()))
+            seen["capped"] += int(s["capped"].sum())
+            seen["max_support"] = max(seen["max_support"], int(s["support"].max()))
 
 
 def agreement(members, exact_fuser, fast_fusers, prompts: list[str], new_tokens: int,
@@ -141,10 +141,16 @@ def _prefill(member, texts: list[str]):
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    enc = tok(texts, return_tensors="pt", padding=True)
+    enc = tok(texts, return_tensors="pt", padding=True).to(member.device)
     with torch.no_grad():
         out = member.model(**enc, use_cache=True)
     return out.logits[:, -1].float(), out.cache, enc.attention_mask
+
+
+def synchronize(members):
+    """Wait for the members' GPUs (their work is asynchronous: a timer must not stop early)."""
+    for device in {m.device for m in members if m.device.type == "cuda"}:
+        torch.cuda.synchronize(device)
 
 
 def fusion_timing(members, fuser, prompts: list[str], batch: int, steps: int) -> dict:
@@ -157,16 +163,18 @@ def fusion_timing(members, fuser, prompts: list[str], batch: int, steps: int) ->
     fused = []
     for _ in range(steps):
         logits = [s[0] for s in state]
+        synchronize(members)
         t0 = time.perf_counter()
-        fuser.step(logits)
+        fuser.step(logits).tokens.tolist()   # as the engine does: the step ends with the ids on the host
         fused.append(time.perf_counter() - t0)
         for k, m in enumerate(members):
             last, cache, mask = state[k]
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = m.model(input_ids=last.argmax(-1, keepdim=True), attention_mask=mask,
                               cache=cache, use_cache=True)
+            synchronize([m])
             forward[m.name].append(time.perf_counter() - t0)
             state[k] = (out.logits[:, -1].float(), out.cache, mask)
     fwd_total = [sum(ts) for ts in zip(*forward.values())]

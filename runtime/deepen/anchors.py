@@ -94,15 +94,17 @@ def cached_entry(fingerprints: list[str], max_anchors: int, out_root: Path) -> P
     return out if (out / "anchors.json").is_file() else None
 
 
-def load_transfers(entry: Path, cache_rows: int = 512, only: int | None = None) -> list:
-    """Every member's transfer, or (with `only`) just member `only`'s, None for the others."""
+def load_transfers(entry: Path, cache_rows: int = 512, only: int | None = None, devices=None) -> list:
+    """Every member's transfer, or (with `only`) just member `only`'s, None for the others;
+    member i's on devices[i] (default: the CPU)."""
     info = json.loads((entry / "anchors.json").read_text())
     transfers = []
     for i in range(len(info["members"])):
         if only is not None and i != only:
             transfers.append(None)
             continue
-        state = load_file(str(entry / f"member{i}.safetensors"))
+        device = str(devices[i]) if devices else "cpu"
+        state = load_file(str(entry / f"member{i}.safetensors"), device=device)
         transfers.append(LowRankTransfer(state["unit_emb"], state["anchor_ids"], state["inv_norm"],
                                          state["log_z"], state["mean_row"], info["temperature"],
                                          cache_rows, state["cluster_of"], state["cluster_rows"]))

@@ -44,10 +44,10 @@ def relative_fast(logits: torch.Tensor, transfer, mass_epsilon: float, max_suppo
     top_probs, top_ids = probs.topk(k0, dim=-1)
     cum = top_probs.cumsum(-1)
     k = ((cum < 1 - mass_epsilon).sum(-1) + 1).clamp(max=k0)
-    live = torch.arange(k0)[None, :] < k[:, None]
+    live = torch.arange(k0, device=probs.device)[None, :] < k[:, None]
     neglected = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
     uniq, inverse = torch.unique(top_ids[live], return_inverse=True)
-    weights = torch.zeros(probs.shape[0], len(uniq))
+    weights = probs.new_zeros(probs.shape[0], len(uniq))
     weights[live.nonzero(as_tuple=True)[0], inverse] = top_probs[live]
     tail = tail_by_cluster(probs, top_ids, live, transfer.cluster_of, transfer.cluster_rows.shape[0])
     r = weights @ transfer.rows(uniq) + tail @ transfer.cluster_rows
@@ -73,7 +73,7 @@ class StepResult:
     fused: torch.Tensor               # True where the search ran (not skipped)
     relative: torch.Tensor | None     # aggregated r (rows that were fused)
     final_logits: torch.Tensor | None = None  # exact mode only
-    stats: dict = field(default_factory=dict)  # neglected_mass: per member, per fused row (fast)
+    stats: dict = field(default_factory=dict)  # neglected_mass: per member, (fused rows,) (fast)
     include_logits: torch.Tensor | None = None  # final logits of the ids asked for (every row)
 
 
@@ -175,7 +175,7 @@ class Fuser:
             if parts is not None:
                 r = aggregate([p[0] for p in parts], self.weights)
                 if self.mode == "fast":
-                    stats["neglected_mass"] = [p[1].tolist() for p in parts]
+                    stats["neglected_mass"] = [p[1] for p in parts]  # tensors: no host transfer
             with self.timed("search"):
                 result = self.decide(main, r, fuse, stats, include)
         with self.timed("broadcast"):
@@ -197,6 +197,7 @@ class Fuser:
         main = main_logits.float()
         tokens = main.argmax(-1)
         stats = stats or {}
+        include = None if include is None else include.to(main.device)
         picked = None if include is None else main[:, include].clone()
         if r is None:
             return StepResult(tokens, fuse, None, main if self.mode == "exact" else None, stats, picked)

@@ -16,8 +16,6 @@ vocabulary, chunked, for exact mode).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +38,7 @@ def dense_transfer_matrix(emb: torch.Tensor, anchor_ids: torch.Tensor,
     """The authors' P, built in chunks of rows. Use only where |V| x |A| fits in memory."""
     unit = unit_rows(emb)
     anchors_t = unit[anchor_ids].T.contiguous()
-    out = torch.empty(unit.shape[0], anchors_t.shape[1])
+    out = torch.empty(unit.shape[0], anchors_t.shape[1], device=unit.device)
     for start in range(0, unit.shape[0], CHUNK_ROWS):
         stop = start + CHUNK_ROWS
         out[start:stop] = transfer_rows_from_cos(unit[start:stop] @ anchors_t, temperature)
@@ -51,8 +49,8 @@ def tail_by_cluster(probs: torch.Tensor, top_ids: torch.Tensor, live: torch.Tens
                     cluster_of: torch.Tensor, n_clusters: int) -> torch.Tensor:
     """(B, C): the probability of the tokens outside each row's support (`top_ids` where `live`),
     summed per embedding cluster: how fast mode accounts for the tokens it does not compute."""
-    mass = torch.zeros(probs.shape[0], n_clusters).index_add_(1, cluster_of, probs)
-    taken = torch.where(live, probs.gather(1, top_ids), torch.zeros(()))
+    mass = probs.new_zeros(probs.shape[0], n_clusters).index_add_(1, cluster_of, probs)
+    taken = torch.where(live, probs.gather(1, top_ids), probs.new_zeros(()))
     return mass.scatter_add_(1, cluster_of[top_ids], -taken).clamp_min_(0)
 
 
@@ -60,9 +58,9 @@ def kmeans_clusters(unit: torch.Tensor, clusters: int, iterations: int = 8, seed
     """Cluster id of every (unit-norm) row: spherical k-means, deterministic (seeded start)."""
     n = unit.shape[0]
     clusters = max(1, min(clusters, n))
-    start = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:clusters]
+    start = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:clusters].to(unit.device)
     centres = unit[start].clone()
-    assign = torch.zeros(n, dtype=torch.long)
+    assign = torch.zeros(n, dtype=torch.long, device=unit.device)
     for _ in range(iterations):
         for lo in range(0, n, 8192):
             assign[lo:lo + 8192] = (unit[lo:lo + 8192] @ centres.T).argmax(-1)
@@ -76,10 +74,11 @@ class DenseTransfer:
     def __init__(self, matrix: torch.Tensor, clusters: torch.Tensor | None = None):
         self.matrix = matrix
         self.mean_row = matrix.mean(0)
-        self.cluster_of = clusters if clusters is not None else torch.zeros(len(matrix), dtype=torch.long)
+        self.cluster_of = clusters if clusters is not None else \
+            torch.zeros(len(matrix), dtype=torch.long, device=matrix.device)
         n = int(self.cluster_of.max()) + 1
         counts = torch.bincount(self.cluster_of, minlength=n).clamp_min(1)
-        self.cluster_rows = torch.zeros(n, matrix.shape[1]).index_add_(0, self.cluster_of, matrix) / counts[:, None]
+        self.cluster_rows = matrix.new_zeros(n, matrix.shape[1]).index_add_(0, self.cluster_of, matrix) / counts[:, None]
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +87,10 @@ class DenseTransfer:
     @property
     def num_anchors(self) -> int:
         return self.matrix.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.matrix[ids]
@@ -109,7 +112,8 @@ class LowRankTransfer:
         self.unit_emb = unit_emb
         # The vocabulary in clusters of similar embeddings, with each cluster's mean row of P:
         # what fast mode uses for the rows of the tokens it does not compute (the tail).
-        self.cluster_of = cluster_of if cluster_of is not None else torch.zeros(len(unit_emb), dtype=torch.long)
+        self.cluster_of = cluster_of if cluster_of is not None else \
+            torch.zeros(len(unit_emb), dtype=torch.long, device=unit_emb.device)
         self.cluster_rows = cluster_rows if cluster_rows is not None else mean_row[None, :]
         self.anchor_ids = anchor_ids
         self.anchors_t = unit_emb[anchor_ids].T.contiguous()  # d x |A|, contiguous for matmul speed
@@ -118,13 +122,43 @@ class LowRankTransfer:
         self.mean_row = mean_row
         self.temperature = temperature
         self.cache_rows = cache_rows
-        self._cache = torch.empty(0, self.num_anchors)
-        self._slot_of: OrderedDict[int, int] = OrderedDict()  # token id -> cache slot, LRU order
-        self.hits = 0
-        self.misses = 0
-        self.memo_hits = 0
+        self._reset_cache()
+
+    @property
+    def device(self) -> torch.device:
+        return self.unit_emb.device
+
+    def to(self, device) -> "LowRankTransfer":
+        """The same transfer with every tensor on `device` (its row cache starts empty)."""
+        state = {k: v.to(device) for k, v in self.state().items()}
+        return LowRankTransfer(state["unit_emb"], state["anchor_ids"], state["inv_norm"], state["log_z"],
+                               state["mean_row"], self.temperature, self.cache_rows, state["cluster_of"],
+                               state["cluster_rows"])
+
+    def _reset_cache(self):
+        """The row cache, all tensors (no Python per-token bookkeeping): which slot holds each
+        token (-1: none), which token each slot holds, and when each slot was last used."""
+        device = self.device
+        self._cache = torch.empty(0, self.num_anchors, device=device)
+        self._slot_of = torch.full((self.num_tokens,), -1, dtype=torch.long, device=device)
+        self._token_in = torch.full((max(self.cache_rows, 0),), -1, dtype=torch.long, device=device)
+        self._used = torch.zeros(max(self.cache_rows, 0), dtype=torch.long, device=device)
+        self._tick = 0
+        self._counts = torch.zeros(3, dtype=torch.long, device=device)  # hits, misses, memo hits
         self.computed = 0     # rows of P computed (the cost that matters in fast mode)
         self._memo = None
+
+    @property
+    def hits(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def misses(self) -> int:
+        return int(self._counts[1])
+
+    @property
+    def memo_hits(self) -> int:
+        return int(self._counts[2])
 
     @classmethod
     def build(cls, emb: torch.Tensor, anchor_ids: torch.Tensor, temperature: float = TEMPERATURE,
@@ -133,6 +167,7 @@ class LowRankTransfer:
         """Sweep P once, chunk by chunk, keeping the two scalars per token, the mean row, and the
         mean row of each of `clusters` k-means clusters of the embeddings.
         `inplace` normalises `emb` itself (a caller's own fp32 copy) instead of copying it."""
+        device = emb.device
         if inplace and emb.dtype == torch.float32 and emb.is_contiguous():
             unit = emb.div_(emb.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # = F.normalize
         else:
@@ -141,9 +176,9 @@ class LowRankTransfer:
         vocab = unit.shape[0]
         cluster_of = kmeans_clusters(unit, clusters)
         n_clusters = int(cluster_of.max()) + 1
-        inv_norm = torch.empty(vocab)
-        log_z = torch.empty(vocab)
-        cluster_sum = torch.zeros(n_clusters, anchors_t.shape[1], dtype=torch.float64)
+        inv_norm = torch.empty(vocab, device=device)
+        log_z = torch.empty(vocab, device=device)
+        cluster_sum = torch.zeros(n_clusters, anchors_t.shape[1], dtype=torch.float64, device=device)
         for start in range(0, vocab, CHUNK_ROWS):
             cos = unit[start:start + CHUNK_ROWS] @ anchors_t
             inv = 1.0 / cos.norm(dim=-1).clamp_min(1e-12)  # F.normalize's eps
@@ -187,67 +222,60 @@ class LowRankTransfer:
         return logits.sub_(self.log_z[ids][:, None]).exp_()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of P for `ids` (distinct). The rows of the previous call are kept until the next
-        one: the main member's relative vectors and its search ask for nearly the same tokens
-        one after the other (and so do consecutive steps), more than the LRU cache holds at
-        large batches."""
+        """Rows of P for `ids` (distinct; sorted, as torch.unique gives them, finds the most in
+        the memo). The rows of the previous call are kept until the next one: the main member's
+        relative vectors and its search ask for nearly the same tokens one after the other (and
+        so do consecutive steps), more than the LRU cache holds at large batches."""
         memo, self._memo = self._memo, None
         if memo is not None and len(ids) and len(memo[0]):
             known, known_rows = memo
             pos = torch.searchsorted(known, ids).clamp_(max=len(known) - 1)
             hit = known[pos] == ids
-            self.memo_hits += int(hit.sum())
-            if len(ids) == len(known) and bool(hit.all()):
-                out = known_rows  # the same tokens again: no copy
-            else:  # one gather; the misses' rows are then written over
-                out = known_rows.index_select(0, pos)
-                miss = (~hit).nonzero().squeeze(1)
-                if len(miss):
-                    out.index_copy_(0, miss, self._cached_rows(ids[miss]))
+            self._counts[2] += hit.sum()
+            out = known_rows.index_select(0, pos)  # one gather; the misses' rows are written over
+            miss = (~hit).nonzero().squeeze(1)
+            if len(miss):
+                out.index_copy_(0, miss, self._cached_rows(ids[miss]))
         else:
             out = self._cached_rows(ids)
-        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # sorted (torch.unique's order)
-            self._memo = (ids, out)
+        self._memo = (ids, out)
         return out
 
     def _cached_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of P through an LRU cache of recent rows."""
-        if self.cache_rows <= 0:
+        """Rows of P through an LRU cache of recent rows, kept in tensors on the transfer's
+        device: a miss takes the least recently used slot that this call does not need."""
+        if self.cache_rows <= 0 or len(ids) > self.cache_rows:  # more than fits: cache nothing
             return self.compute_rows(ids)
         if self._cache.shape[0] == 0:
-            self._cache = torch.empty(self.cache_rows, self.num_anchors)
-        id_list = ids.tolist()
-        missing = [t for t in id_list if t not in self._slot_of]
-        self.misses += len(missing)
-        self.hits += len(id_list) - len(missing)
-        if len(id_list) > self.cache_rows:  # more than fits: compute directly, cache nothing
-            return self.compute_rows(ids)
-        for t in id_list:
-            if t in self._slot_of:
-                self._slot_of.move_to_end(t)
-        if missing:
-            fresh = self.compute_rows(torch.tensor(missing))
-            needed = set(id_list)
-            for t, row in zip(missing, fresh):
-                if len(self._slot_of) < self.cache_rows:
-                    slot = len(self._slot_of)
-                else:  # evict the least recent row that this call does not need
-                    victim = next(k for k in self._slot_of if k not in needed)
-                    slot = self._slot_of.pop(victim)
-                self._cache[slot] = row
-                self._slot_of[t] = slot
-        return self._cache[[self._slot_of[t] for t in id_list]]
+            self._cache = torch.empty(self.cache_rows, self.num_anchors, device=self.device)
+        self._tick += 1
+        slots = self._slot_of[ids]
+        missing = slots < 0
+        self._counts[0] += (~missing).sum()
+        self._used[slots[~missing]] = self._tick   # hits are in use: not victims
+        new_ids = ids[missing]
+        if len(new_ids):
+            self._counts[1] += len(new_ids)
+            victims = torch.topk(self._used, len(new_ids), largest=False).indices
+            old = self._token_in[victims]
+            self._slot_of[old[old >= 0]] = -1
+            self._cache[victims] = self.compute_rows(new_ids)
+            self._token_in[victims] = new_ids
+            self._slot_of[new_ids] = victims
+            self._used[victims] = self._tick
+            slots = self._slot_of[ids]
+        return self._cache[slots]
 
     def left(self, sigma: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(sigma.shape[0], self.num_anchors)
+        out = sigma.new_zeros(sigma.shape[0], self.num_anchors)
         for start in range(0, self.num_tokens, CHUNK_ROWS):
-            ids = torch.arange(start, min(start + CHUNK_ROWS, self.num_tokens))
+            ids = torch.arange(start, min(start + CHUNK_ROWS, self.num_tokens), device=self.device)
             out += sigma[:, start:start + len(ids)] @ self.compute_rows(ids)
         return out
 
     def right(self, g: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(g.shape[0], self.num_tokens)
+        out = g.new_empty(g.shape[0], self.num_tokens)
         for start in range(0, self.num_tokens, CHUNK_ROWS):
-            ids = torch.arange(start, min(start + CHUNK_ROWS, self.num_tokens))
+            ids = torch.arange(start, min(start + CHUNK_ROWS, self.num_tokens), device=self.device)
             out[:, start:start + len(ids)] = g @ self.compute_rows(ids).T
         return out

@@ -131,10 +131,11 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     capped = k_cand >= k0
     k = torch.maximum(k_mass, k_cand).clamp(max=k0)
     k_max = int(k.max())
-    live = torch.arange(k_max)[None, :] < k[:, None]
+    live = torch.arange(k_max, device=z0.device)[None, :] < k[:, None]
     tail_mass = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
     ids, start = top_ids[:, :k_max], top_z[:, :k_max]
     if include is not None:  # extra columns, live where the prefix does not hold them already
+        include = include.to(z0.device)
         extra = include[None, :].expand(rows_n, -1)
         held = ((ids[:, :, None] == include[None, None, :]) & live[:, :, None]).any(1)
         ids, start = torch.cat([ids, extra], 1), torch.cat([start, z0.gather(1, extra)], 1)
@@ -148,7 +149,7 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
                              torch.full_like(tail, PAD_LOGIT))
 
     uniq, inverse = torch.unique(ids[live], return_inverse=True)
-    index = torch.zeros(rows_n, k_max, dtype=torch.long)
+    index = torch.zeros(rows_n, k_max, dtype=torch.long, device=z0.device)
     index[live] = inverse
     basis = transfer.rows(uniq)
     # the frozen tail is one fixed direction per row: its clusters' rows, weighted by their share
@@ -163,7 +164,7 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     def product(sigma):
         if per_row is not None:
             return torch.bmm(sigma[:, None, :], per_row).squeeze(1)
-        return torch.zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma) @ basis
+        return sigma.new_zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma) @ basis
 
     z = torch.where(live, start, torch.full_like(start, PAD_LOGIT))
     z.requires_grad_(True)
@@ -177,8 +178,8 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
         opt.zero_grad()
     z = z.detach().masked_fill(~live, float("-inf"))
     tokens = ids.gather(1, z.argmax(-1, keepdim=True)).squeeze(1)
-    stats = {"support": k.tolist(), "candidates": k_cand.tolist(),
-             "tail_mass": tail_mass.tolist(), "capped": capped.tolist()}
+    # tensors on the search's device: a caller that wants numbers reads them (no per-step transfer)
+    stats = {"support": k, "candidates": k_cand, "tail_mass": tail_mass, "capped": capped}
     if include is not None:
         match = (ids[:, :, None] == include[None, None, :]) & live[:, :, None]
         stats["include_logits"] = torch.where(match, z[:, :, None], float("-inf")).amax(1)

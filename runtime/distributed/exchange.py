@@ -8,6 +8,7 @@ Per step, in order (B = rows in the batch, |A| = anchors):
             (F x (|A| + 1)) fp32, gathered to the main leader
   tokens    the chosen tokens and fused flags (2 x B int64), broadcast from rank 0 to every rank
 Ranks of a tensor-parallel member that are not its leader take part in control and tokens only.
+The control bytes are CPU tensors (gloo); the rest stays on the rank's device (NCCL on GPUs).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class GroupExchange:
 
     def __init__(self, world):
         self.world = world
+        self.device = world.device
         self.is_root = world.rank == 0
         self.leads = world.is_leader
         self.is_main = world.member == 0 and world.is_leader
@@ -75,7 +77,7 @@ class GroupExchange:
         """The main leader's fuse mask, on every leader."""
         if len(self.world.layout.leaders) == 1:
             return fuse
-        mask = fuse.to(torch.uint8) if fuse is not None else torch.empty(batch, dtype=torch.uint8)
+        mask = fuse.to(torch.uint8) if fuse is not None else torch.empty(batch, dtype=torch.uint8, device=self.device)
         dist.broadcast(mask, 0, group=self.world.leaders_group)
         return mask.bool()
 
@@ -83,7 +85,7 @@ class GroupExchange:
         """Every leader's (relative vectors, neglected mass) for the fused rows, on the main
         leader, in member order; None elsewhere."""
         (r, neglected), = parts.values()
-        mine = torch.cat([r, (neglected if neglected is not None else torch.zeros(len(r)))[:, None]], 1)
+        mine = torch.cat([r, (neglected if neglected is not None else r.new_zeros(len(r)))[:, None]], 1)
         leaders = self.world.layout.leaders
         if len(leaders) == 1:
             received = [mine]
@@ -100,7 +102,7 @@ class GroupExchange:
     def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
         """The chosen tokens and fused flags, from rank 0 to every rank."""
         both = torch.stack([result.tokens, result.fused.long()]) if self.is_root \
-            else torch.empty(2, batch, dtype=torch.long)
+            else torch.empty(2, batch, dtype=torch.long, device=self.device)
         dist.broadcast(both, 0)
         if self.is_root:
             return result

@@ -90,7 +90,7 @@ class Rank:
 
     def load(self):
         """This rank's member, sharded over its group, and (leaders) its relative transfer."""
-        members = load_members(self.cfg, with_models=False, log=lambda m: None)
+        members = load_members(self.cfg, with_models=False, log=lambda m: None, device=self.world.device)
         mine = members[self.world.member]
         mine.model = shard_member(load_model(mine.path, mine.config), self.world, getattr(torch, mine.config.dtype))
         entry = anchors_entry(self.cfg, members, build=False)

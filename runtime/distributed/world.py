@@ -131,23 +131,49 @@ class World:
         return self.layout.describe(self.rank)
 
 
+def local_rank() -> int | None:
+    """This process's index on its node, from the launcher (deepspeed/torchrun LOCAL_RANK, Open
+    MPI, MVAPICH, SLURM); None when no launcher says."""
+    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
+def rank_device(cuda: bool | None = None) -> torch.device:
+    """A rank's device: cuda:LOCAL_RANK where CUDA is present (LOCAL_RANK is then required: a
+    default of 0 would put every rank of a node on one GPU), else the CPU."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return torch.device("cpu")
+    local = local_rank()
+    if local is None:
+        raise LayoutError("CUDA is present but the launcher set no LOCAL_RANK (nor OMPI_COMM_WORLD_LOCAL_RANK, "
+                          "MV2_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID): start the job with `deepspeed` or "
+                          "`torchrun`, or set LOCAL_RANK for each process")
+    if local >= torch.cuda.device_count():
+        raise LayoutError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} visible GPUs "
+                          "(CUDA_VISIBLE_DEVICES): one rank per GPU")
+    return torch.device("cuda", local)
+
+
 def init_world(layout: Layout, timeout_s: float) -> World:
     """The process groups: one per member, one for the leaders; every rank creates every group,
-    in the same order."""
+    in the same order. With CUDA the world is `cpu:gloo,cuda:nccl`: tensors on a GPU go over
+    NCCL, the msgpack control bytes (CPU tensors) over gloo, in the same groups."""
     import deepspeed
     disable_shm_allreduce()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    device = rank_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before any CUDA work (NCCL: one GPU per rank)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     check_world(layout, dist.get_world_size())
     rank = dist.get_rank()
-    member_groups = [dist.new_group(list(r)) for r in layout.ranks]
-    leaders_group = dist.new_group(layout.leaders)
-    if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    # new_group does not inherit the world's timeout: give it to every group
+    member_groups = [dist.new_group(list(r), timeout=timeout) for r in layout.ranks]
+    leaders_group = dist.new_group(layout.leaders, timeout=timeout)
     return World(layout, rank, layout.member_of(rank), member_groups, leaders_group, device)
 
 
@@ -166,8 +192,8 @@ def shard_member(model, world: World, dtype: torch.dtype):
         raise LayoutError(f"{world.describe}: DeepSpeed AutoTP could not shard "
                           f"{type(model).__name__} over tp_size {tp}: {e}") from e
     if tp == 1 and any(len(r) > 1 for r in world.layout.ranks):
-        from deepspeed.accelerator import get_accelerator
-        state = get_accelerator().get_rng_state()
+        from deepspeed.accelerator import get_accelerator  # the same tensor DeepSpeed sends
+        state = get_accelerator().get_rng_state().to(get_accelerator().current_device_name())
         dist.broadcast(state, 0)
     return engine.module
 

@@ -41,7 +41,8 @@ class Engine:
         self.slots: list[Row | None] = []
         self.seconds: dict[str, float] = defaultdict(float)  # where step time goes
         self.steps = 0
-        self.stats = {"rows": 0, "fused_rows": 0, "neglected_mass_sum": None, "neglected_mass_max": None}
+        self.stats = {"rows": 0, "fused_rows": 0}
+        self._neglected = None   # per member: (sum, max) of the mass fast mode neglected
 
     @property
     def max_batch(self) -> int:
@@ -57,8 +58,12 @@ class Engine:
 
     def report(self, seconds: float, tokens: int) -> dict:
         """This process's figures for a run: steps, rows fused, neglected mass, where time went."""
+        neglected = [acc.tolist() for acc in self._neglected] if self._neglected else None
         return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-                "steps": self.steps, **self.stats, "breakdown_s": self.breakdown()}
+                "steps": self.steps, **self.stats,
+                "neglected_mass_sum": [n[0] for n in neglected] if neglected else None,
+                "neglected_mass_max": [n[1] for n in neglected] if neglected else None,
+                "breakdown_s": self.breakdown()}
 
     def _timed(self, key: str, fn, *args):
         t0 = time.perf_counter()
@@ -111,30 +116,34 @@ class Engine:
         skip = self._timed("rules", self.skip_mask, rows, logits[0]) if 0 in logits else None
         result = self.fuser.step(logits, skip, exchange=self.exchange, batch=len(active))
         self.steps += 1
-        self.count(result)
-        finished, keep_slots, texts = self.commit(active, result.tokens.tolist(), result.fused.tolist())
+        # the one transfer to the host per step: the chosen ids and whether each row was fused
+        tokens, fused = torch.stack([result.tokens, result.fused.long()]).tolist()
+        self.count(fused, result.stats.get("neglected_mass"))
+        finished, keep_slots, texts = self.commit(active, tokens, fused)
         self.advance(keep_slots, texts)
         return finished
 
-    def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor:
-        """Rows where the main model's own token would complete a stop string: no fusion."""
+    def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor | None:
+        """Rows where the main model's own token would complete a stop string: no fusion.
+        None when no row has a stop string (then nothing is read back from the device)."""
+        if not any(r.request.stop for r in rows):
+            return None
         own = main_logits.argmax(-1).tolist()
         return torch.tensor([bool(r.request.stop) and
                              completes_stop(self.main.decode(r.ids + [t]), r.request.stop) is not None
-                             for r, t in zip(rows, own)], dtype=torch.bool)
+                             for r, t in zip(rows, own)], dtype=torch.bool, device=main_logits.device)
 
-    def count(self, result):
-        """Rows, fused rows and (fast mode) the neglected mass per member, over the run."""
-        self.stats["rows"] += len(result.tokens)
-        self.stats["fused_rows"] += int(result.fused.sum())
-        neglected = result.stats.get("neglected_mass")
+    def count(self, fused: list[int], neglected: list[torch.Tensor] | None):
+        """Rows, fused rows and (fast mode) the neglected mass per member, over the run; the
+        mass stays on the device until `report`."""
+        self.stats["rows"] += len(fused)
+        self.stats["fused_rows"] += sum(fused)
         if neglected:
-            s = self.stats
-            if s["neglected_mass_sum"] is None:
-                s["neglected_mass_sum"], s["neglected_mass_max"] = [0.0] * len(neglected), [0.0] * len(neglected)
-            for i, per_row in enumerate(neglected):
-                s["neglected_mass_sum"][i] += sum(per_row)
-                s["neglected_mass_max"][i] = max([s["neglected_mass_max"][i], *per_row])
+            if self._neglected is None:
+                self._neglected = [torch.zeros(2, device=n.device) for n in neglected]
+            for acc, per_row in zip(self._neglected, neglected):
+                acc[0] += per_row.sum()
+                acc[1] = torch.maximum(acc[1], per_row.max())
 
     def commit(self, active: list[int], tokens: list[int], fused: list[bool]):
         """Append each row's token; finish rows on EOS, a stop string or max_new_tokens.

@@ -33,11 +33,12 @@ class Lane:
         self.member = member
         self.model = member.model
         self.tokenizer = member.tokenizer
+        self.device = torch.device(getattr(member, "device", None) or "cpu")  # where the model runs
         self.cache = DynamicCache()
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.ids: list[list[int]] = []       # per slot: the live token ids, in order
         self.prefix: list[str] = []          # per slot: the member's rendered prompt
-        self.logits = torch.zeros(0, 0)      # per slot: next-token logits after its last token
+        self.logits = torch.zeros(0, 0, device=self.device)  # per slot: fp32 next-token logits
         self.dirty = False                   # a hole was made: compact after the forward
 
     # ---- tokens -------------------------------------------------------------------------
@@ -96,7 +97,7 @@ class Lane:
 
     def keep_slots(self, slots: list[int]):
         """Drop every other slot (finished rows with no prompt waiting)."""
-        index = torch.tensor(slots, dtype=torch.long)
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
         for layer in self._layers():
             layer.keys, layer.values = layer.keys[index], layer.values[index]
         self.mask = self.mask[index]
@@ -105,7 +106,7 @@ class Lane:
         self.prefix = [self.prefix[s] for s in slots]
         live_cols = self.mask.any(0).nonzero(as_tuple=True)[0]
         if len(live_cols) and live_cols[0] > 0:  # trim columns no slot uses any more
-            self._gather_columns(torch.arange(int(live_cols[0]), self.mask.shape[1])
+            self._gather_columns(torch.arange(int(live_cols[0]), self.mask.shape[1], device=self.device)
                                  .expand(len(slots), -1))
             self.mask = self.mask[:, int(live_cols[0]):]
 
@@ -114,16 +115,15 @@ class Lane:
     def _run(self, tokens: list[list[int]], mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
         """Forward right-padded blocks of `tokens` after `mask`'s columns. Returns each row's
         logits after its last real token."""
-        rows, width = len(tokens), max(len(t) for t in tokens)
-        input_ids = torch.zeros(rows, width, dtype=torch.long)
-        block = torch.zeros(rows, width, dtype=torch.long)
-        for r, t in enumerate(tokens):
-            input_ids[r, :len(t)] = torch.tensor(t, dtype=torch.long)
-            block[r, :len(t)] = 1
-        before = mask.sum(1, keepdim=True)
-        positions = before + torch.arange(width)[None, :]
-        full_mask = torch.cat([mask, block], dim=1)
+        width = max(len(t) for t in tokens)
+        # built on the host and copied to the device: the new tokens, right-padded, and where they are
+        input_ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
+        block = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
         last = torch.tensor([max(len(t), 1) - 1 for t in tokens])
+        input_ids, block, last = (x.to(self.device, non_blocking=True) for x in (input_ids, block, last))
+        before = mask.sum(1, keepdim=True)
+        positions = before + torch.arange(width, device=self.device)[None, :]
+        full_mask = torch.cat([mask, block], dim=1)
         with torch.no_grad():
             # only each row's last position goes through the output layer: on a long prefill the
             # (rows x width x vocabulary) logits would cost more time and memory than the model
@@ -157,12 +157,12 @@ class Lane:
             if not i:
                 raise ValueError(f"member {self.member.name!r}: the prompt {prompt[:40]!r} has no tokens")
         fresh = DynamicCache()
-        logits, _ = self._run(ids, torch.zeros(len(ids), 0, dtype=torch.long), fresh)
+        logits, _ = self._run(ids, torch.zeros(len(ids), 0, dtype=torch.long, device=self.device), fresh)
         new_layers = [l for l in fresh.layers if getattr(l, "is_initialized", False)]
         if not self._layers():  # first admission: empty layers shaped like the model's
             for i, layer in enumerate(new_layers):
                 self.cache.update(layer.keys[:0, :, :0], layer.values[:0, :, :0], i)
-            self.logits = torch.zeros(0, logits.shape[1])
+            self.logits = torch.zeros(0, logits.shape[1], device=self.device)
         lengths = [len(i) for i in ids]
         self._resize(max(max(slots) + 1, self.mask.shape[0]), max(max(lengths), self.mask.shape[1]))
         width = self.mask.shape[1]
@@ -181,7 +181,7 @@ class Lane:
         old_rows, old_width = self.mask.shape
         if (rows, width) == (old_rows, old_width):
             return
-        mask = torch.zeros(rows, width, dtype=torch.long)
+        mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         mask[:old_rows, width - old_width:] = self.mask
         self.mask = mask
         for layer in self._layers():
@@ -190,7 +190,7 @@ class Lane:
                 grown = t.new_zeros(rows, t.shape[1], width, t.shape[3])
                 grown[:old_rows, :, width - old_width:] = t
                 setattr(layer, name, grown)
-        logits = torch.zeros(rows, self.logits.shape[1])
+        logits = torch.zeros(rows, self.logits.shape[1], device=self.device)
         logits[:old_rows] = self.logits
         self.logits = logits
         self.ids += [[] for _ in range(rows - old_rows)]

@@ -28,6 +28,7 @@ def last_logits(member, text: str, own: list[int] | None = None) -> torch.Tensor
     ids = member.tokenizer(text, return_tensors="pt").input_ids
     if own:
         ids = torch.cat([ids, torch.tensor([own])], dim=1)
+    ids = ids.to(getattr(member, "device", "cpu"))
     with torch.no_grad():
         return member.model(ids).logits[0, -1].float()
 
@@ -47,7 +48,7 @@ def reference_decode(members, fuser, prompts: list[str], max_new_tokens: int,
         # the stop rule: no fusion where the main model's own token completes a stop string
         own = logits[0].argmax(-1).tolist()
         skip = torch.tensor([completes_stop(main.tokenizer.decode(r.ids + [t]), stop) is not None
-                             for r, t in zip(active, own)])
+                             for r, t in zip(active, own)], device=logits[0].device)
         result = fuser.step(logits, skip)
         if observe is not None:
             observe(step, active, logits, result)

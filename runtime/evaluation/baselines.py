@@ -82,7 +82,8 @@ class MinEDFuser:
         main = member_logits[0].float()
         out = self.weights[0] * torch.softmax(main, dim=-1)
         for w, mapping, logits in zip(self.weights[1:], self.maps[1:], member_logits[1:]):
-            p = torch.softmax(logits.float(), dim=-1)
+            p = torch.softmax(logits.float(), dim=-1).to(out.device)
+            mapping = mapping.to(out.device)
             n = min(p.shape[1], mapping.shape[0])
             valid = mapping[:n] >= 0
             out.index_add_(1, mapping[:n][valid], w * p[:, :n][:, valid])
@@ -92,7 +93,8 @@ class MinEDFuser:
         """`Fuser.step`'s contract, in one process only (every member's logits here)."""
         if exchange is not LOCAL:
             raise ValueError("minED runs in one process: it needs every member's full distribution")
-        fuse = torch.ones(member_logits[0].shape[0], dtype=torch.bool) if skip is None else ~skip
+        fuse = torch.ones(member_logits[0].shape[0], dtype=torch.bool, device=member_logits[0].device) \
+            if skip is None else ~skip
         log_p = self.probs(member_logits).clamp_min(1e-30).log()
         # a row whose main-model token completes a stop string keeps it, as in DEEPEN
         log_p[~fuse] = member_logits[0][~fuse].float()

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..members.config import load_config
+from ..members.devices import pick_device
 from ..members.ensemble import anchors_entry, load_members, make_fuser
 from ..members.sources import deepen_home
 from . import methods as ev
@@ -39,7 +40,7 @@ def prepare(config: str, task: str, split: str = "test", method_spec: str = "sin
             limit: int = 0, seed: int = 0, data: str | None = None, answer_mode: str | None = None,
             eta_spec: str | None = None, fusion: str | None = None, out_root: str | None = None,
             batch: int = 8, max_new_tokens: int | None = None, resume: bool = False,
-            overwrite: bool = False, log=print, progress: bool = True) -> Evaluation:
+            overwrite: bool = False, log=print, progress: bool = True, device: str | None = None) -> Evaluation:
     cfg = load_config(config)
     t = get_task(task)
     mode = answer_mode or ("choice" if t.kind == "choice" else "generate")
@@ -59,7 +60,7 @@ def prepare(config: str, task: str, split: str = "test", method_spec: str = "sin
             path = folder / f"{m.replace(':', '=')}.jsonl"
             if path.exists():
                 path.unlink()
-    members = load_members(cfg, log=log)
+    members = load_members(cfg, log=log, device=pick_device(device))
     entry = anchors_entry(cfg, members, log=log) if any(m.startswith("deepen") for m in methods) else None
     home = deepen_home()
     mined_maps = lambda: [None] + [cached_min_edit_map(  # noqa: E731

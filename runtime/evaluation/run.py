@@ -197,9 +197,10 @@ class Evaluation:
             for start in range(0, len(todo), 64):
                 chunk = todo[start:start + 64]
                 logits = []
-                for s, member_ids, size in zip(singles, ids, sizes):
+                for s, member_ids, size, member in zip(singles, ids, sizes, self.members):
                     full = torch.full((len(chunk), size), -1.0e4)  # probability exactly 0 in fp32
                     full[:, [g[0] for g in member_ids]] = torch.tensor([s[i] for i in chunk])
+                    full = full.to(member.device)
                     logits.append(full)
                 scores = fuser.step(logits, include=include).include_logits
                 for row, i in enumerate(chunk):

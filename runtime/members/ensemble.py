@@ -11,6 +11,7 @@ from ..deepen.fusion import FastSettings, Fuser
 from ..deepen.search import SearchSettings
 from ..jobs.progress import Progress
 from .config import EnsembleConfig, MemberConfig
+from .devices import check_dtype
 from .sources import deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
 
 
@@ -21,6 +22,7 @@ class Member:
     fingerprint: str
     tokenizer: object
     model: torch.nn.Module | None = None
+    device: torch.device = torch.device("cpu")   # where its model, lane and transfer live
 
     @property
     def name(self) -> str:
@@ -39,14 +41,18 @@ class Member:
 
 
 def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | None = None,
-                 log=print) -> list[Member]:
+                 log=print, device: torch.device | str = "cpu") -> list[Member]:
+    """Every member (main first): its files (prepared if needed), tokenizer, and with
+    `with_models` its model on `device`, in the member's dtype."""
     home = home or deepen_home()
+    device = torch.device(device)
     members = []
     for mc in config.ordered_members:
         path = member_dir(mc, home, log)
-        member = Member(mc, path, fingerprint(path), load_tokenizer(path, mc))
+        member = Member(mc, path, fingerprint(path), load_tokenizer(path, mc), device=device)
         if with_models:
-            member.model = load_model(path, mc)
+            check_dtype(mc.name, mc.dtype, device)
+            member.model = load_model(path, mc, device)
         members.append(member)
     return members
 
@@ -71,9 +77,10 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
 
 def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,
                adapt_weights: dict[str, float] | None = None, only: int | None = None) -> Fuser:
-    """`only`: load just that member's transfer (a leader in the distributed runtime)."""
+    """`only`: load just that member's transfer (a leader in the distributed runtime). Each
+    transfer goes to its member's device; the fusion math runs there, in fp32."""
     mode = mode or config.mode
-    transfers = load_transfers(entry, config.anchors.row_cache, only)
+    transfers = load_transfers(entry, config.anchors.row_cache, only, [m.device for m in members])
     if mode == "exact":
         transfers = [t if t is None else exact_transfers([t])[0] for t in transfers]
     return Fuser(transfers, config.member_weights(adapt_weights),

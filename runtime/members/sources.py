@@ -226,7 +226,9 @@ def quiet_bars_off_terminal():
         hf_logging.disable_progress_bar()
 
 
-def load_model(model_dir: Path, member: MemberConfig):
+def load_model(model_dir: Path, member: MemberConfig, device: torch.device | str | None = None):
+    """The member's model in its dtype, in eval mode, on `device` (default: where transformers
+    puts it, the CPU)."""
     from transformers import AutoModelForCausalLM
     quiet_bars_off_terminal()
     check_weights_safe(model_dir, member)
@@ -234,6 +236,8 @@ def load_model(model_dir: Path, member: MemberConfig):
         str(model_dir), dtype=getattr(torch, member.dtype),
         use_safetensors=not member.allow_pickle, trust_remote_code=member.trust_remote_code)
     _forget_gguf_quantization(model)
+    if device is not None:
+        model = model.to(device)
     return model.eval()
 
 
