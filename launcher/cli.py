@@ -63,16 +63,18 @@ def anchors():
 @anchors.command("build")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def anchors_build(config, as_json):
+@click.option("--device", help="where the sweep over P runs: cpu, cuda or cuda:N (default: CUDA if present)")
+def anchors_build(config, as_json, device):
     """Build (or find cached) the anchors and every member's relative transfer for CONFIG:
     normalised embeddings + two scalars per token + P's mean row; never a dense |V| x |A| matrix."""
     from runtime.deepen.anchors import anchors_summary
+    from runtime.members.devices import pick_device
     from runtime.jobs.progress import peak_rss_mb
     from runtime.members.ensemble import anchors_entry, load_members
     cfg = load_config(config)
     t0 = time.perf_counter()
     members = load_members(cfg, with_models=False)
-    entry = anchors_entry(cfg, members)
+    entry = anchors_entry(cfg, members, device=pick_device(device))
     summary = {"seconds": round(time.perf_counter() - t0, 1),
                "peak_rss_build_mb": round(peak_rss_mb(), 1)}  # before the summary loads the transfers back
     summary = {**anchors_summary(entry, cfg.anchors.row_cache), **summary}

@@ -10,6 +10,7 @@ import torch
 
 from ..deepen.fusion import StepResult
 from ..engine.engine import Engine
+from ..engine.lane import cache_keyword
 from ..engine.reference import reference_decode
 from ..engine.sequence import Request
 
@@ -135,6 +136,10 @@ def zero_shot_prompts(n: int) -> list[str]:
     return [f"Question: {q['question']}\nAnswer:" for q in read_jsonl(data_dir() / "triviaqa" / "dev.jsonl")[:n]]
 
 
+def _cache_of(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def _prefill(member, texts: list[str]):
     """Left-padded batch prefill with a KV cache; returns (next greedy ids, cache, mask)."""
     tok = member.tokenizer
@@ -144,7 +149,7 @@ def _prefill(member, texts: list[str]):
     enc = tok(texts, return_tensors="pt", padding=True).to(member.device)
     with torch.no_grad():
         out = member.model(**enc, use_cache=True)
-    return out.logits[:, -1].float(), out.cache, enc.attention_mask
+    return out.logits[:, -1].float(), _cache_of(out), enc.attention_mask
 
 
 def synchronize(members):
@@ -173,10 +178,10 @@ def fusion_timing(members, fuser, prompts: list[str], batch: int, steps: int) ->
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = m.model(input_ids=last.argmax(-1, keepdim=True), attention_mask=mask,
-                              cache=cache, use_cache=True)
+                              use_cache=True, **{cache_keyword(m.model): cache})
             synchronize([m])
             forward[m.name].append(time.perf_counter() - t0)
-            state[k] = (out.logits[:, -1].float(), out.cache, mask)
+            state[k] = (out.logits[:, -1].float(), _cache_of(out), mask)
     fwd_total = [sum(ts) for ts in zip(*forward.values())]
     return {"batch": batch, "steps": steps,
             "fused_step_s": statistics.median(fused),

@@ -49,11 +49,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path):
 
 def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: list,
                        load_embedding: list, max_anchors: int, out_root: Path,
-                       progress=None) -> Path:
+                       progress=None, device="cpu") -> Path:
     """Anchors + one LowRankTransfer per member, written atomically under out_root/<key>.
     `load_embedding[i]()` returns member i's input embeddings as a fresh fp32 tensor that the
     build may overwrite (one member in memory at a time). `progress(total, description)`, if
-    given, returns an object with update(n) and close() (runtime.jobs.progress.Progress)."""
+    given, returns an object with update(n) and close() (runtime.jobs.progress.Progress).
+    `device`: where the sweep over P runs (a GPU does Gemma-3's in a second); the cache is the
+    same whichever device built it, up to float rounding."""
     key = cache_key(fingerprints, max_anchors)
     out = out_root / key
     vocabs = [token_bytes(t) for t in tokenizers]
@@ -65,14 +67,14 @@ def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: li
     tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=out_root))
     try:
         for i, name in enumerate(names):
-            emb = load_embedding[i]()
+            emb = load_embedding[i]().to(device)
             vocab_sizes.append(int(emb.shape[0]))
             bar = progress(emb.shape[0], f"relative transfer {name}") if progress else None
-            transfer = LowRankTransfer.build(emb, anchor_ids[i], progress=bar.update if bar else None,
+            transfer = LowRankTransfer.build(emb, anchor_ids[i].to(device), progress=bar.update if bar else None,
                                              inplace=True)
             if bar:
                 bar.close()
-            save_tensors(transfer.state(), tmp / f"member{i}.safetensors")
+            save_tensors({k: v.cpu() for k, v in transfer.state().items()}, tmp / f"member{i}.safetensors")
             del emb, transfer
         info = {"key": key, "members": names, "fingerprints": fingerprints,
                 "anchors": int(anchor_ids.shape[1]), "max_anchors": max_anchors,

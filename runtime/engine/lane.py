@@ -16,8 +16,16 @@ template + committed text; everything else is a hole (masked, never attended to)
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
+
+
+def cache_keyword(model) -> str:
+    """The forward argument that takes the KV cache: `cache` from transformers 5.24 on (the old
+    name, past_key_values, goes in 5.40), past_key_values before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -35,6 +43,7 @@ class Lane:
         self.tokenizer = member.tokenizer
         self.device = torch.device(getattr(member, "device", None) or "cpu")  # where the model runs
         self.cache = DynamicCache()
+        self.cache_arg = cache_keyword(self.model) if self.model is not None else "cache"
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.ids: list[list[int]] = []       # per slot: the live token ids, in order
         self.prefix: list[str] = []          # per slot: the member's rendered prompt
@@ -128,7 +137,7 @@ class Lane:
             # only each row's last position goes through the output layer: on a long prefill the
             # (rows x width x vocabulary) logits would cost more time and memory than the model
             out = self.model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
-                             cache=cache, use_cache=True, logits_to_keep=last[:, None])
+                             use_cache=True, logits_to_keep=last[:, None], **{self.cache_arg: cache})
         return out.logits[:, -1].float(), full_mask
 
     def forward(self, slots: list[int], pending: list[list[int]]):

@@ -58,7 +58,7 @@ def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | 
 
 
 def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | None = None,
-                  progress: bool = True, log=print, build: bool = True) -> Path:
+                  progress: bool = True, log=print, build: bool = True, device="cpu") -> Path:
     """The cache entry for this ensemble's anchors and transfers, built if missing."""
     root = (home or deepen_home()) / "anchors"
     prints = [m.fingerprint for m in members]
@@ -72,7 +72,7 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
     loaders = [lambda m=m: load_input_embedding(m.path, m.config) for m in members]
     return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
                               loaders, config.anchors.max_anchors, root,
-                              (lambda total, desc: Progress(total, desc, "tokens")) if progress else None)
+                              (lambda total, desc: Progress(total, desc, "tokens")) if progress else None, device)
 
 
 def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,
