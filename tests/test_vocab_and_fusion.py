@@ -141,3 +141,22 @@ def test_search_gathered_per_row_equals_the_dense_product(monkeypatch):
     dense_tokens, dense_stats = search.search_fast(logits, r, t, s, 1e-3, 64, include)
     assert torch.equal(tokens, dense_tokens)
     torch.testing.assert_close(stats["include_logits"], dense_stats["include_logits"])
+
+
+def test_the_anchors_key_comes_from_content_not_paths_or_times(tiny, tmp_path):
+    """A member copied to another directory (new path, new times) keys the same anchors; a
+    changed weight file does not. The checksums are computed once per file and remembered."""
+    import shutil
+    import time as clock
+    from runtime.members.sources import fingerprint
+    source = tiny.members[1].path
+    copy = tmp_path / "copied-elsewhere"
+    clock.sleep(0.01)
+    shutil.copytree(source, copy)
+    assert fingerprint(copy, tmp_path) == fingerprint(source, tmp_path)
+    assert len(list((tmp_path / "checksums.json").read_text().splitlines())) > 1
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert fingerprint(copy, tmp_path) != fingerprint(source, tmp_path)

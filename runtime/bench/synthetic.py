@@ -66,6 +66,9 @@ def synthetic_tokenizer(size: int, shared: int, seed: int):
 def build_member(name: str, out: Path, dtype: str, shared: int, seed: int) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..members.sources import quiet_bars_off_terminal
+    quiet_bars_off_terminal()
     model_type, sizes = SHAPES[name]
     path = out / name
     if (path / ".complete").is_file():

@@ -12,7 +12,7 @@ from ..deepen.search import SearchSettings
 from ..jobs.progress import Progress
 from .config import EnsembleConfig, MemberConfig
 from .devices import check_dtype
-from .sources import deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
+from .sources import anchors_root, deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
 
 
 @dataclass
@@ -49,7 +49,7 @@ def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | 
     members = []
     for mc in config.ordered_members:
         path = member_dir(mc, home, log)
-        member = Member(mc, path, fingerprint(path), load_tokenizer(path, mc), device=device)
+        member = Member(mc, path, fingerprint(path, home), load_tokenizer(path, mc), device=device)
         if with_models:
             check_dtype(mc.name, mc.dtype, device)
             member.model = load_model(path, mc, device)
@@ -60,7 +60,7 @@ def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | 
 def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | None = None,
                   progress: bool = True, log=print, build: bool = True, device="cpu") -> Path:
     """The cache entry for this ensemble's anchors and transfers, built if missing."""
-    root = (home or deepen_home()) / "anchors"
+    root = anchors_root(home)
     prints = [m.fingerprint for m in members]
     entry = cached_entry(prints, config.anchors.max_anchors, root)
     if entry is not None:

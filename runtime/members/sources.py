@@ -42,6 +42,13 @@ def deepen_home() -> Path:
     return Path(os.environ.get("DEEPEN_HOME", Path.home() / ".cache" / "deepen")).expanduser()
 
 
+def anchors_root(home: Path | None = None) -> Path:
+    """Where anchors and transfers are cached: $DEEPEN_ANCHORS_DIR (a shared file system, so a
+    multi-node job builds them once), else $DEEPEN_HOME/anchors."""
+    shared = os.environ.get("DEEPEN_ANCHORS_DIR")
+    return Path(shared).expanduser() if shared else (home or deepen_home()) / "anchors"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -166,18 +173,39 @@ def member_dir(member: MemberConfig, home: Path | None = None, log=print) -> Pat
     return path
 
 
-def fingerprint(model_dir: Path) -> str:
-    """Content hash of a member (keys the anchors cache). Our own cache entries carry a
-    manifest of sha256s; a user's directory is keyed by names, sizes and mtimes (re-hashing a
-    large checkpoint on every start would take minutes)."""
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+def file_checksum(path: Path, home: Path | None = None) -> str:
+    """sha256 of a file's content, computed once per host: remembered in $DEEPEN_HOME/checksums.json
+    by real path, size and modification time (a 140 GB checkpoint takes minutes to hash). A file
+    in the Hugging Face cache is a link to a blob named by its sha256: that name is used."""
+    real = path.resolve()
+    if len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    stat = real.stat()
+    key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
+    book = (home or deepen_home()) / "checksums.json"
+    try:
+        known = json.loads(book.read_text()) if book.is_file() else {}
+    except ValueError:
+        known = {}
+    if key not in known:
+        known[key] = sha256_file(real)
+        book.parent.mkdir(parents=True, exist_ok=True)
+        tmp = book.with_name(f"checksums.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, book)  # ranks of one host may race: one write wins, none is torn
+    return known[key]
+
+
+def fingerprint(model_dir: Path, home: Path | None = None) -> str:
+    """Content hash of a member (keys the anchors cache): the sha256 of every file but hidden
+    ones, by name. The same model copied to another directory or host has the same fingerprint
+    (paths and times play no part). Our own cache entries carry the checksums in a manifest."""
     manifest_path = model_dir / MANIFEST
     if manifest_path.is_file():
         body = json.loads(manifest_path.read_text())["files"]
-    elif (model_dir / ".tiny-complete").is_file():  # small: hash the content
-        body = {p.name: sha256_file(p) for p in files}
     else:
-        body = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        body = {p.name: file_checksum(p, home) for p in sorted(model_dir.iterdir())
+                if p.is_file() and not p.name.startswith(".")}
     body = json.dumps(body, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
