@@ -37,18 +37,21 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--max-new-tokens", default=64, show_default=True, help="default per prompt")
 @click.option("--stop", multiple=True, help="default stop string(s) per prompt; any Unicode, and "
               "shell escapes (--stop '\\n')")
-@click.option("--timeout", default=120.0, show_default=True,
-              help="seconds a collective may wait before the job is declared stalled")
+@click.option("--startup-timeout", default=1800.0, show_default=True,
+              help="seconds the ranks wait for each other while starting (loading, sharding, anchors)")
+@click.option("--step-timeout", default=120.0, show_default=True,
+              help="seconds a step may take: a rank still inside a step after this (alive but stuck) "
+                   "stops the job, named")
 @click.option("--threads", type=int, help="torch threads per rank (default: this node's cores / its ranks)")
 @click.option("--stats", type=click.Path(dir_okay=False),
               help="write each rank's figures here as JSON (rank r > 0 at PATH.rank<r>)")
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
 def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
-         stop, timeout, threads, stats, local_rank):
+         stop, startup_timeout, step_timeout, threads, stats, local_rank):
     """Run `deepen generate` across ranks: each member in its own tensor-parallel group."""
     from runtime.distributed.job import generate
     generate(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
-             tuple(parse_stop(s) for s in stop), timeout, threads, stats)
+             tuple(parse_stop(s) for s in stop), startup_timeout, step_timeout, threads, stats)
 
 
 @click.command(context_settings=CONTEXT)
@@ -59,17 +62,19 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
               help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
 @click.option("--repeat", default=3, show_default=True, help="repetitions after a warm-up")
 @click.option("--output", type=click.Path(dir_okay=False), help="rank 0 writes the JSON here")
-@click.option("--timeout", default=120.0, show_default=True)
+@click.option("--startup-timeout", default=1800.0, show_default=True)
+@click.option("--step-timeout", default=120.0, show_default=True)
 @click.option("--threads", type=int, help="torch threads per rank (default: this node's cores / its ranks)")
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
-def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, timeout, threads, local_rank):
+def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, startup_timeout, step_timeout,
+               threads, local_rank):
     """`deepen bench` across ranks: tokens/s from rank 0, and every rank's own breakdown
     (forward, relative, search, resync, communication + wait) and peak memory.
 
         deepspeed --num_accelerators 2 launcher/run.py bench --config configs/smol-gemma.toml
     """
     from runtime.distributed.job import bench
-    bench(config_path, batch, new_tokens, prompts_path, repeat, output, timeout, threads)
+    bench(config_path, batch, new_tokens, prompts_path, repeat, output, startup_timeout, step_timeout, threads)
 
 
 def _entry():

@@ -49,9 +49,9 @@ def env(home):
     return {**os.environ, "DEEPEN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
-def launch(home, ranks, *args):
+def launch(home, ranks, *args, extra_env=None):
     return subprocess.Popen([DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
-                             *args], cwd=ROOT, env=env(home), stdout=subprocess.PIPE,
+                             *args], cwd=ROOT, env={**env(home), **(extra_env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -158,6 +158,29 @@ def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
     lines = read_jsonl(out_path)
     assert len(lines) == 30 and len({r["id"] for r in lines}) == 30
     assert records(out_path) == records(want)
+
+
+def test_a_rank_stuck_inside_a_step_stops_every_rank_within_the_step_timeout(home, tmp_path):
+    """Rank 1 sleeps inside its 4th step (alive: its heartbeat beats on; DEEPEN_FAULT is the test
+    hook for this, runtime/distributed/job.py). Every rank stops within the step timeout and
+    names it; what finished before is in the output, and --resume completes the job."""
+    inp = tmp_path / "in.jsonl"
+    prompts(inp, 6, tokens=10)
+    out_path = tmp_path / "out.jsonl"
+    args = ["launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp), "--output", str(out_path),
+            "--batch", "2", "--step-timeout", "4"]
+    proc = launch(home, 3, *args, extra_env={"DEEPEN_FAULT": "stall:1:3:600"})
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 120, "the stuck rank was not caught by the step timeout"
+    assert "rank 1 (member 'tiny-bpe', leader) has not finished step" in out, out[-3000:]
+    assert "alive but stuck" in out
+    assert "deepen: rank 0 (member 'tiny-sp', leader)" in out and "deepen: rank 2 (member 'tiny-bpe2', leader)" in out
+    proc = launch(home, 3, *args, "--resume")
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    assert sorted(records(out_path)) == list(range(6))
 
 
 def test_bench_under_the_launcher_reports_every_rank(home, tmp_path):

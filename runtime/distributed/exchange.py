@@ -51,9 +51,10 @@ def gather_messages(message: dict) -> list[dict]:
 class GroupExchange:
     """The exchange of a rank in a World (runtime/distributed/world.py)."""
 
-    def __init__(self, world):
+    def __init__(self, world, enter=None):
         self.world = world
         self.device = world.device
+        self.enter = enter or (lambda phase: None)  # the heartbeat: which collective we wait in
         self.is_root = world.rank == 0
         self.leads = world.is_leader
         self.is_main = world.member == 0 and world.is_leader
@@ -63,6 +64,7 @@ class GroupExchange:
     def share_plan(self, plan: Plan | None) -> Plan:
         """Rank 0's plan, on every rank. A step that admits nothing, drops nothing and is not the
         last sends one byte (the message's length is its flag)."""
+        self.enter("plan")
         quiet = plan is not None and not plan.admit and not plan.drop and not plan.done
         flag = torch.tensor([0 if quiet else 1], dtype=torch.uint8)
         dist.broadcast(flag, 0)
@@ -77,6 +79,7 @@ class GroupExchange:
         """The main leader's fuse mask, on every leader."""
         if len(self.world.layout.leaders) == 1:
             return fuse
+        self.enter("rows")
         mask = fuse.to(torch.uint8) if fuse is not None else torch.empty(batch, dtype=torch.uint8, device=self.device)
         dist.broadcast(mask, 0, group=self.world.leaders_group)
         return mask.bool()
@@ -90,6 +93,7 @@ class GroupExchange:
         if len(leaders) == 1:
             received = [mine]
         else:
+            self.enter("gather")
             received = [torch.empty_like(mine) for _ in leaders] if self.is_main else None
             dist.gather(mine.contiguous(), received, dst=0, group=self.world.leaders_group)
         if not self.is_main:
@@ -101,6 +105,7 @@ class GroupExchange:
 
     def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
         """The chosen tokens and fused flags, from rank 0 to every rank."""
+        self.enter("tokens")
         both = torch.stack([result.tokens, result.fused.long()]) if self.is_root \
             else torch.empty(2, batch, dtype=torch.long, device=self.device)
         dist.broadcast(both, 0)

@@ -1,4 +1,5 @@
-"""Liveness of the ranks, so that a rank that dies is named by every other rank."""
+"""Liveness and progress of the ranks: a rank that dies, or lives but is stuck inside a step, is
+named by every other rank, and the job stops."""
 from __future__ import annotations
 
 import threading
@@ -14,11 +15,22 @@ class Heartbeat:
     counters (counters, not timestamps: hosts' clocks differ). A rank whose counter has not moved
     for `stale` seconds is declared dead: `on_dead` is called (the runner prints who and exits),
     even when the main thread is stuck in a collective. When a collective fails, `identify`
-    watches a few more seconds to name the rank that stopped beating."""
+    watches a few more seconds to name the rank that stopped beating.
 
-    def __init__(self, world, every: float = 0.25, stale: float = 10.0, on_dead=None):
+    Progress: the main thread posts where it is as it enters each of a step's collectives
+    (`enter`). A rank that has waited longer than `step_timeout` looks at the others' positions:
+    the rank furthest behind is alive (it beats) but stuck inside a step, and is named; if all
+    are at the same collective, it stalled. A rank that has posted nothing yet is still starting
+    (loading, sharding): the start-up timeout governs it."""
+
+    def __init__(self, world, every: float = 0.25, stale: float = 10.0, on_dead=None,
+                 step_timeout: float | None = None):
         self.world, self.every, self.stale = world, every, stale
         self.on_dead = on_dead
+        self.step_timeout = step_timeout
+        self.step: int | None = None    # the step this rank is in (None: still starting)
+        self.position = 0                # 4 x step + the collective it last entered, and when
+        self.step_since = 0.0
         self.store = dist.distributed_c10d._get_default_store()
         self.seen: dict[int, tuple[int, float]] = {}   # rank -> (last counter, when it changed)
         self.lock = threading.Lock()
@@ -32,13 +44,48 @@ class Heartbeat:
             try:
                 count += 1
                 self.store.set(f"deepen/beat/{self.world.rank}", str(count))
-                dead = self.quiet(self.stale)
+                dead = self.quiet(self.stale) or self.stuck()
             except Exception:  # the store's host, rank 0, is gone
                 dead = f"{self.world.layout.describe(0)} is unreachable (it hosts the job's store)"
             if dead and self.on_dead is not None and not self.stop.is_set():
                 self.on_dead(dead)
                 return
             self.stop.wait(self.every)
+
+    PHASES = ("plan", "rows", "gather", "tokens")  # a step's collectives, in order
+
+    def enter(self, phase: str):
+        """The main thread enters one of a step's collectives (a wait for other ranks). Steps are
+        counted over the whole job: every rank runs the same steps in lock-step."""
+        if phase == "plan":
+            self.step = 0 if self.step is None else self.step + 1
+        position = 4 * (self.step or 0) + self.PHASES.index(phase)
+        with self.lock:
+            self.store.set(f"deepen/at/{self.world.rank}", str(position))
+        self.position, self.step_since = position, time.monotonic()
+
+    def stuck(self) -> str:
+        """After waiting longer than the step timeout: the rank that is furthest behind (alive
+        but stuck inside a step: it never reached the collective the others wait in), or, if
+        every rank is at the same collective, that the collective stalled."""
+        if self.step_timeout is None or self.step is None:
+            return ""
+        if time.monotonic() - self.step_since <= self.step_timeout:
+            return ""
+        with self.lock:
+            at = {self.world.rank: self.position}
+            for rank in range(self.world.layout.world_size):
+                key = f"deepen/at/{rank}"
+                if rank != self.world.rank and self.store.check([key]):
+                    at[rank] = int(self.store.get(key))
+        low = min(at.values())
+        limit = f"the step timeout ({self.step_timeout:g} s)"
+        if all(p == low for p in at.values()):
+            return f"no rank has passed '{self.PHASES[low % 4]}' of step {low // 4} within {limit}: a stalled collective"
+        names = "; ".join("this rank" if r == self.world.rank else self.world.layout.describe(r)
+                          for r, p in sorted(at.items()) if p == low)
+        return (f"{names} has not finished step {low // 4} within {limit}: alive but stuck after "
+                f"'{self.PHASES[low % 4]}'")
 
     def close(self):
         self.stop.set()

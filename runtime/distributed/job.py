@@ -56,7 +56,7 @@ def _dist_errors() -> tuple:
 class Rank:
     """One rank of a job: its config and layout, the world, the heartbeat, and how it dies."""
 
-    def __init__(self, config_path: str, timeout: float, threads: int | None):
+    def __init__(self, config_path: str, startup_timeout: float, step_timeout: float, threads: int | None):
         self.who = f"rank {global_rank()}"
         try:
             self.cfg = load_config(config_path)
@@ -68,8 +68,11 @@ class Rank:
         torch.set_num_threads(threads_per_rank(threads))
         self.world = self.heartbeat = None
         with self.guard():
-            self.world = init_world(self.layout, timeout)
-            self.heartbeat = Heartbeat(self.world, on_dead=lambda why: die(self.world.describe, f"stopping: {why}"))
+            # the process groups wait as long as start-up may take (a 70B member loads while a 7B
+            # one waits); once every rank steps, the heartbeat holds each step to step_timeout
+            self.world = init_world(self.layout, startup_timeout)
+            self.heartbeat = Heartbeat(self.world, on_dead=lambda why: die(self.world.describe, f"stopping: {why}"),
+                                       step_timeout=step_timeout)
             # the deepspeed launcher and torchrun stop the other ranks with SIGTERM when one
             # fails: say who we are and who went silent before going
             signal.signal(signal.SIGTERM, lambda *_: fail_job(
@@ -98,13 +101,34 @@ class Rank:
         return members, fuser
 
     def engine(self, members, fuser, batch: int) -> Engine:
-        return Engine(members, fuser, batch, lanes={self.world.member: Lane(members[self.world.member])},
-                      exchange=GroupExchange(self.world))
+        engine = Engine(members, fuser, batch, lanes={self.world.member: Lane(members[self.world.member])},
+                        exchange=GroupExchange(self.world, enter=self.heartbeat.enter))
+        stall_for_tests(engine, self.world.rank)
+        return engine
 
     def close(self):
         self.heartbeat.close()  # before the store's host (rank 0) may leave
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def stall_for_tests(engine: Engine, rank: int):
+    """A test hook, for the one failure no test can cause from outside: a rank that is alive (its
+    heartbeat thread beats) but stuck inside a step. DEEPEN_FAULT=stall:RANK:STEP:SECONDS makes
+    rank RANK sleep SECONDS in its step STEP. Unset, it does nothing."""
+    fault = os.environ.get("DEEPEN_FAULT", "")
+    if not fault.startswith("stall:"):
+        return
+    who, at, seconds = (float(x) for x in fault.split(":")[1:])
+    if int(who) != rank:
+        return
+    step = engine.step
+
+    def stalled():
+        if engine.steps == int(at):
+            time.sleep(seconds)
+        return step()
+    engine.step = stalled
 
 
 def rank_report(rank: Rank, engine: Engine, seconds: float, tokens: int) -> dict:
@@ -121,9 +145,10 @@ def rank_report(rank: Rank, engine: Engine, seconds: float, tokens: int) -> dict
 
 
 def generate(config_path, input_path, output_path, resume=False, overwrite=False, skip_bad=False,
-             batch=8, max_new_tokens=64, stop=(), timeout=120.0, threads=None, stats=None):
+             batch=8, max_new_tokens=64, stop=(), startup_timeout=1800.0, step_timeout=120.0, threads=None,
+             stats=None):
     """`deepen generate` across ranks: rank 0 alone reads --input and writes --output."""
-    rank = Rank(config_path, timeout, threads)
+    rank = Rank(config_path, startup_timeout, step_timeout, threads)
     with rank.guard():
         # rank 0 checks the input before anyone loads a model; everybody learns the verdict
         verdict, requests = None, None
@@ -160,11 +185,11 @@ def generate(config_path, input_path, output_path, resume=False, overwrite=False
 
 
 def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, output=None,
-          timeout=120.0, threads=None):
+          startup_timeout=1800.0, step_timeout=120.0, threads=None):
     """`deepen bench` across ranks: tokens/s from rank 0, every rank's own breakdown."""
     from ..bench.bench import batch_of, bench_prompts
     from ..bench.ranks import rank_run, rank_table, summarize_ranks
-    rank = Rank(config_path, timeout, threads)
+    rank = Rank(config_path, startup_timeout, step_timeout, threads)
     with rank.guard():
         members, fuser = rank.load()
         prompts = bench_prompts(prompts_path) if rank.world.rank == 0 else None
