@@ -89,6 +89,23 @@ def anchors_build(config, as_json, device):
     click.echo(f"time {summary['seconds']} s, peak RSS of the build {summary['peak_rss_build_mb']} MB")
 
 
+@main.command("layout", cls=Command)
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="ensemble TOML")
+@click.option("--hostfile", type=click.Path(dir_okay=False, exists=True),
+              help="DeepSpeed hostfile ('host slots=N' per line); default: one host with enough slots")
+def layout(config, hostfile):
+    """Where each rank of CONFIG runs: member, role, host and slot (the weights need not be on this
+    machine). Exit status 2 if the hostfile is too small or a member's group straddles hosts."""
+    from runtime.distributed.hostfile import describe_placement, place, read_hostfile
+    from runtime.distributed.world import layout_for
+    cfg = load_config(config, check_sources=False)
+    plan = layout_for(cfg)
+    hosts = read_hostfile(hostfile) if hostfile else [("localhost", plan.world_size)]
+    click.echo(describe_placement(plan, place(plan, hosts)))
+    click.echo(f"\nworld size {plan.world_size}: `deepspeed {'--hostfile ' + hostfile if hostfile else f'--num_gpus {plan.world_size}'} "
+               f"launcher/run.py --config {config} ...`")
+
+
 @main.command("generate", cls=Command)
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="ensemble TOML")
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),

@@ -46,9 +46,45 @@ def test_good_config_loads_with_main_first(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("smol-gemma.toml", "tiny.toml", "smol-gemma-8k.toml"):
+    for name in ("smol-gemma.toml", "tiny.toml", "smol-gemma-8k.toml", "tiny-tp.toml"):
         cfg = load_config(ROOT / "configs" / name)
         assert cfg.ordered_members[0].name == cfg.main
+
+
+@pytest.mark.parametrize("config,hostfile", [
+    ("70b-ensemble.toml", "a100x16"), ("llama3-qwen25-72b.toml", "a100x16"), ("tiny.toml", "localhost"),
+    ("tiny-tp.toml", "localhost"), ("smol-gemma.toml", "localhost")])
+def test_shipped_configs_lay_out_on_their_hostfiles_with_no_group_across_hosts(config, hostfile):
+    """Every shipped config validates (the big ones' weights are not here: sources unchecked) and
+    each member's tensor-parallel group lands on one host of the hostfile it is meant for."""
+    from runtime.distributed.hostfile import place, read_hostfile
+    from runtime.distributed.world import layout_for
+    assert {p.name for p in (ROOT / "configs").glob("*.toml")} <= {
+        "70b-ensemble.toml", "llama3-qwen25-72b.toml", "tiny.toml", "tiny-tp.toml", "smol-gemma.toml",
+        "smol-gemma-8k.toml"}, "a new shipped config: add it here"
+    cfg = load_config(ROOT / "configs" / config, check_sources=False)
+    layout = layout_for(cfg)
+    placed = place(layout, read_hostfile(ROOT / "hostfiles" / hostfile))
+    for ranks in layout.ranks:
+        assert len({placed[r][0] for r in ranks}) == 1
+    if config.startswith(("70b", "llama3")):
+        assert layout.world_size == 16 and {h for h, _ in placed} == {"node-a", "node-b"}
+        assert all(m.dtype == "bfloat16" for m in cfg.members)
+
+
+def test_a_group_across_hosts_is_refused_naming_the_member(tmp_path):
+    from runtime.distributed.hostfile import place, read_hostfile
+    from runtime.distributed.world import LayoutError, layout_for
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=3\nb slots=3\n")
+    cfg = load_config(ROOT / "configs" / "tiny-tp.toml")  # tiny-sp tp 2, then two tp 1: 2 + 1 | 1
+    place(layout_for(cfg), read_hostfile(hosts))
+    hosts.write_text("a slots=1\nb slots=3\n")
+    with pytest.raises(LayoutError, match="member 'tiny-sp' .* straddles hosts a, b"):
+        place(layout_for(cfg), read_hostfile(hosts))
+    hosts.write_text("a slots=two\n")
+    with pytest.raises(LayoutError, match="hosts:1: expected 'HOST slots=N'"):
+        read_hostfile(hosts)
 
 
 @pytest.mark.parametrize("edit,expected", [

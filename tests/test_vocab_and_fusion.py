@@ -1,4 +1,5 @@
 """Anchors across tokenizer families, the anchors cache, and fusion on the tiny members."""
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -160,3 +161,41 @@ def test_the_anchors_key_comes_from_content_not_paths_or_times(tiny, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert fingerprint(copy, tmp_path) != fingerprint(source, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def padded(tiny, tmp_path_factory):
+    """tiny-bpe with its embedding and output layer padded from 400 to 448 rows (as Qwen2.5 pads
+    151,665 tokens to 152,064), the padded rows made to win every step if they could."""
+    import shutil
+
+    from runtime.members.sources import load_model
+    source = next(m for m in tiny.members if m.name == "tiny-bpe")
+    out = tmp_path_factory.mktemp("padded") / "tiny-bpe-padded"
+    shutil.copytree(source.path, out)
+    model = load_model(source.path, source.config)
+    model.resize_token_embeddings(448, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[400:] = 50 * model.get_output_embeddings().weight[:48]
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("main", ["tiny-bpe-padded", "tiny-sp"])
+def test_a_padded_vocabulary_never_wins_and_gives_no_anchor(tiny, padded, tmp_path, main):
+    from runtime.engine.engine import Engine
+    from runtime.engine.sequence import Request
+    from runtime.members.config import parse_config
+    from runtime.members.ensemble import load_members
+    cfg = parse_config({"ensemble": {"main": main, "eta": 0.3, "mode": "fast"}, "members": [
+        {"name": "tiny-sp", "source": "tiny:tiny-sp"}, {"name": "tiny-bpe-padded", "source": str(padded)}]})
+    members = load_members(cfg, home=tiny.home, log=lambda m: None)
+    index = [m.name for m in members].index("tiny-bpe-padded")
+    assert members[index].model.get_output_embeddings().weight.shape[0] == 448 == len(members[index].tokenizer) + 48
+    entry = anchors_entry(cfg, members, tiny.home, progress=False)
+    fuser = make_fuser(cfg, members, entry, "fast")
+    assert int(fuser.transfers[index].anchor_ids.max()) < 400
+    results = Engine(members, fuser, 3).run([Request(i, p, 8) for i, p in enumerate(["the cat", "日本", "a dog likes"])])
+    for r in results:
+        assert r.ids and max(r.ids) < len(members[0].tokenizer), r.ids
+        assert r.fused_steps > 0

@@ -10,7 +10,7 @@ import torch
 
 from ..deepen.fusion import StepResult
 from ..engine.engine import Engine
-from ..engine.lane import cache_keyword
+from ..engine.lane import cache_keyword, without_padding
 from ..engine.reference import reference_decode
 from ..engine.sequence import Request
 
@@ -149,7 +149,7 @@ def _prefill(member, texts: list[str]):
     enc = tok(texts, return_tensors="pt", padding=True).to(member.device)
     with torch.no_grad():
         out = member.model(**enc, use_cache=True)
-    return out.logits[:, -1].float(), _cache_of(out), enc.attention_mask
+    return without_padding(out.logits[:, -1].float(), len(tok)), _cache_of(out), enc.attention_mask
 
 
 def synchronize(members):
@@ -181,7 +181,7 @@ def fusion_timing(members, fuser, prompts: list[str], batch: int, steps: int) ->
                               use_cache=True, **{cache_keyword(m.model): cache})
             synchronize([m])
             forward[m.name].append(time.perf_counter() - t0)
-            state[k] = (out.logits[:, -1].float(), _cache_of(out), mask)
+            state[k] = (without_padding(out.logits[:, -1].float(), len(m.tokenizer)), _cache_of(out), mask)
     fwd_total = [sum(ts) for ts in zip(*forward.values())]
     return {"batch": batch, "steps": steps,
             "fused_step_s": statistics.median(fused),

@@ -92,12 +92,26 @@ class Rank:
             die(self.world.describe if self.world else self.who, f"{type(e).__name__}: {e}")
 
     def load(self):
-        """This rank's member, sharded over its group, and (leaders) its relative transfer."""
-        members = load_members(self.cfg, with_models=False, log=lambda m: None, device=self.world.device)
-        mine = members[self.world.member]
-        mine.model = shard_member(load_model(mine.path, mine.config), self.world, getattr(torch, mine.config.dtype))
-        entry = anchors_entry(self.cfg, members, build=False)
-        fuser = make_fuser(self.cfg, members, entry, only=self.world.member if self.world.is_leader else -1)
+        """This rank's member, sharded over its group, and (leaders) its relative transfer. A
+        rank reads only what it runs: its own member's weights, the main member's tokenizer (to
+        decode) and its own; rank 0 also reads every tokenizer (the results count each member's
+        tokens) and keys the anchors, whose entry it sends to everyone."""
+        w = self.world
+        n = len(self.layout.names)
+        members = load_members(self.cfg, with_models=False, log=lambda m: None, device=w.device,
+                               only=set(range(n)) if w.rank == 0 else {0, w.member}, fingerprints=w.rank == 0)
+        mine = members[w.member]
+        mine.model = shard_member(load_model(mine.path, mine.config), w, getattr(torch, mine.config.dtype))
+        found = None
+        if w.rank == 0:
+            try:
+                found = {"entry": str(anchors_entry(self.cfg, members, build=False)), "error": None}
+            except FileNotFoundError as e:
+                found = {"entry": None, "error": str(e)}
+        found = broadcast_message(found)
+        if found["error"]:
+            die(w.describe, found["error"], 2)
+        fuser = make_fuser(self.cfg, members, Path(found["entry"]), only=w.member if w.is_leader else -1)
         return members, fuser
 
     def engine(self, members, fuser, batch: int) -> Engine:

@@ -28,6 +28,15 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def without_padding(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits of ids past the tokenizer's last token set to -inf: a model whose embedding is
+    padded (Qwen2.5: 151,665 tokens in 152,064 rows) must never choose, or give probability to,
+    an id no tokenizer can decode."""
+    if logits.shape[-1] > vocab:
+        logits[..., vocab:] = float("-inf")
+    return logits
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -44,6 +53,7 @@ class Lane:
         self.device = torch.device(getattr(member, "device", None) or "cpu")  # where the model runs
         self.cache = DynamicCache()
         self.cache_arg = cache_keyword(self.model) if self.model is not None else "cache"
+        self.vocab = len(self.tokenizer)     # ids past it (a padded embedding) never win
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.ids: list[list[int]] = []       # per slot: the live token ids, in order
         self.prefix: list[str] = []          # per slot: the member's rendered prompt
@@ -138,7 +148,7 @@ class Lane:
             # (rows x width x vocabulary) logits would cost more time and memory than the model
             out = self.model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
                              use_cache=True, logits_to_keep=last[:, None], **{self.cache_arg: cache})
-        return out.logits[:, -1].float(), full_mask
+        return without_padding(out.logits[:, -1].float(), self.vocab), full_mask
 
     def forward(self, slots: list[int], pending: list[list[int]]):
         """Prefill each listed slot's pending tokens (every other slot gets only padding)."""

