@@ -25,6 +25,7 @@ from ..members.ensemble import anchors_entry, load_members, make_fuser
 from ..members.sources import load_model
 from .exchange import GroupExchange, broadcast_message, gather_messages
 from .heartbeat import Heartbeat
+from .loading import load_shard
 from .world import global_rank, init_world, layout_for, shard_member, threads_per_rank
 
 _dying: list[str] = []
@@ -101,7 +102,11 @@ class Rank:
         members = load_members(self.cfg, with_models=False, log=lambda m: None, device=w.device,
                                only=set(range(n)) if w.rank == 0 else {0, w.member}, fingerprints=w.rank == 0)
         mine = members[w.member]
-        mine.model = shard_member(load_model(mine.path, mine.config), w, getattr(torch, mine.config.dtype))
+        dtype = getattr(torch, mine.config.dtype)
+        if mine.config.loading == "sharded" and not mine.config.allow_pickle:
+            mine.model = load_shard(mine.path, mine.config, w, dtype)   # only this rank's slices
+        else:
+            mine.model = shard_member(load_model(mine.path, mine.config), w, dtype)
         found = None
         if w.rank == 0:
             try:

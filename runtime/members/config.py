@@ -22,6 +22,7 @@ the file and the key (`ConfigError: configs/x.toml: members[1].tp_size: must be 
     dtype = "float32"
     trust_remote_code = false     # off unless this member needs it
     allow_pickle = false          # refuse .bin/.pth (pickle) weights unless set
+    loading = "sharded"           # under the launcher: each rank reads only its slices ("full": all)
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class MemberConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    loading: str = "sharded"   # under the launcher: "sharded" (a rank reads only its slices) | "full"
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,11 @@ def _member(where: str, index: int, table, base: Path, check_sources: bool = Tru
     dtype = r.get("dtype", str, "float32")
     if dtype not in DTYPES:
         r.fail("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    loading = r.get("loading", str, "sharded")
+    if loading not in ("sharded", "full"):
+        r.fail("loading", f"must be \"sharded\" or \"full\", got {loading!r}")
     member = MemberConfig(name, source, tp_size, template, dtype,
-                          r.get("trust_remote_code", bool, False), r.get("allow_pickle", bool, False))
+                          r.get("trust_remote_code", bool, False), r.get("allow_pickle", bool, False), loading)
     r.finish()
     return member
 

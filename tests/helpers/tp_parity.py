@@ -1,5 +1,6 @@
-"""Run under the deepspeed launcher (4 ranks): two members, each sharded tp=2 on its own group.
-Every rank compares its sharded member's logits with the unsharded model's and writes a report."""
+"""Run under the deepspeed launcher (4 ranks): two members, each sharded tp=2 on its own group,
+each rank reading only its slices (runtime/distributed/loading.py). Every rank compares its
+sharded member's logits with the unsharded model's and writes a report."""
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from runtime.members.config import parse_config  # noqa: E402
-from runtime.distributed.world import init_world, layout_for, shard_member  # noqa: E402
+from runtime.distributed.loading import load_shard  # noqa: E402
+from runtime.distributed.world import init_world, layout_for  # noqa: E402
 from runtime.members.ensemble import load_members  # noqa: E402
 from runtime.members.sources import load_model  # noqa: E402
 
@@ -21,7 +23,7 @@ torch.set_num_threads(1)
 world = init_world(layout_for(cfg), 60)
 member = load_members(cfg, with_models=False, log=lambda m: None)[world.member]
 reference = load_model(member.path, member.config)
-sharded = shard_member(load_model(member.path, member.config), world, torch.float32)
+sharded = load_shard(member.path, member.config, world, torch.float32)
 ids = torch.randint(3, len(member.tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     want = reference(ids).logits
