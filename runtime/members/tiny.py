@@ -1,23 +1,17 @@
-"""Deterministic tiny causal LMs with tokenizers of different families.
-
-Used by the tests and by ``configs/tiny.toml``: three members whose
-vocabularies overlap but differ, so the ensemble code paths that deal with
-mismatched vocabularies run for real, on CPU, in seconds, with no model hub.
+"""Deterministic tiny causal LMs with tokenizers of different families, for the tests and
+``configs/tiny.toml``: three members whose vocabularies overlap but differ, so the code that deals
+with mismatched vocabularies runs for real, on CPU, in seconds, with no model hub.
 
 * ``tiny-bpe``  -- GPT-2 / Llama-3 style byte-level BPE, ``LlamaForCausalLM``.
-* ``tiny-sp``   -- Gemma style SentencePiece BPE ("▁" for space, byte
-  fallback), ``MistralForCausalLM``.
-* ``tiny-bpe2`` -- Qwen2 style byte-level BPE (regex split first, digits
-  alone, ``<|im_end|>`` as eos), ``LlamaForCausalLM`` with attention biases
-  (Qwen2-like).  Not ``Qwen2ForCausalLM``: for model_type "qwen2",
-  transformers 5's AutoTokenizer forces ``Qwen2Tokenizer``, which rebuilds
-  the pipeline with an NFC normalizer and so loses the lossless round trip.
+* ``tiny-sp``   -- Gemma style SentencePiece BPE ("▁" for space, byte fallback), ``MistralForCausalLM``.
+* ``tiny-bpe2`` -- Qwen2 style byte-level BPE (regex split first, digits alone, ``<|im_end|>`` as
+  eos), ``LlamaForCausalLM`` with attention biases. Not ``Qwen2ForCausalLM``: for model_type
+  "qwen2", transformers 5's AutoTokenizer forces ``Qwen2Tokenizer``, whose NFC normalizer loses
+  the lossless round trip.
 
-Weights are random (not trained) but fully determined by a per-member seed;
-tokenizers are trained with ``tokenizers`` on a built-in corpus, which is
-deterministic too.  Known limitation, shared with real Gemma/Llama-2
-tokenizers: ``tiny-sp`` cannot round-trip a literal "▁" (U+2581), since the
-normalizer turns spaces into that very character.
+Weights are random but fixed by a per-member seed; tokenizers are trained with ``tokenizers`` on
+a built-in corpus, deterministically. Known limitation, shared with real Gemma/Llama-2
+tokenizers: ``tiny-sp`` cannot round-trip a literal "▁" (U+2581), the normalizer's space marker.
 """
 
 from __future__ import annotations
