@@ -145,6 +145,8 @@ def stall_for_tests(engine: Engine, rank: int):
 
     def stalled():
         if engine.steps == int(at):
+            print(f"deepen: test hook: rank {rank} stalls inside step {int(at)} for {seconds:g} s", file=sys.stderr,
+                  flush=True)
             time.sleep(seconds)
         return step()
     engine.step = stalled
