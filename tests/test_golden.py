@@ -119,3 +119,34 @@ def test_candidate_margin_bounds_the_exact_search():
             assert start_gap <= margin
             moved = (final - main).abs().max()
             assert moved <= margin / 2 + main.abs().max() * 0.01 * eta * 10
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_a_decided_row_is_not_fused_and_its_token_is_what_the_search_gives(mode):
+    """Rows whose top logit leads by more than candidate_margin: fast mode skips them (no
+    relative vector, no search) and their token is the one the full search returns, in fast mode
+    and in the authors' exact search, on random problems with gaps on both sides of the margin."""
+    torch.manual_seed(3)
+    vocab, anchors = 300, 120
+    transfers = [LowRankTransfer.build(torch.randn(vocab, 16), torch.arange(0, vocab, 3)[:anchors], clusters=8),
+                 LowRankTransfer.build(torch.randn(vocab, 16), torch.arange(1, vocab, 3)[:anchors], clusters=8)]
+    settings = SearchSettings(eta=0.5, steps=5)
+    margin = candidate_margin(settings)
+    main = torch.randn(64, vocab) * 2
+    lead = torch.linspace(0.0, 2 * margin, 64)  # the top logit's lead over the second
+    top = main.argmax(-1)
+    second = main.scatter(1, top[:, None], float("-inf")).amax(-1)
+    main[torch.arange(64), top] = second + lead
+    logits = [main, torch.randn(64, vocab) * 2]
+    skipping = Fuser(transfers, [0.5, 0.5], settings, "fast", FastSettings(1e-3, 64, skip_decided=True))
+    full = Fuser(transfers, [0.5, 0.5], settings, "fast", FastSettings(1e-3, 64, skip_decided=False))
+    if mode == "exact":
+        full = Fuser([DenseTransfer(dense_transfer_matrix(t.unit_emb, t.anchor_ids)) for t in transfers],
+                     [0.5, 0.5], settings, "exact")
+    a, b = skipping.step(logits), full.step(logits)
+    decided = lead > margin
+    assert decided.any() and (~decided).any()
+    assert torch.equal(a.fused, ~decided) and bool(b.fused.all())
+    assert torch.equal(a.tokens[decided], b.tokens[decided])
+    assert torch.equal(a.tokens[decided], top[decided])
+    assert int(skipping.decided_rows) == int(decided.sum())

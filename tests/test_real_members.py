@@ -73,3 +73,21 @@ def test_fast_agrees_with_exact_on_real_pair(members):
     assert result["steps"] >= 12
     assert result["agreement"] >= 0.9, result
     assert result["capped"] == 0
+
+
+def test_decided_rows_skip_fusion_on_the_real_pair_and_change_no_token(members):
+    """Gemma-3's steps on TriviaQA prompts: rows whose top logit leads by more than the search can
+    move are not fused, and the tokens are those of fusing every row."""
+    import dataclasses
+    cfg = real_config(1024)
+    entry = anchors_entry(cfg, members, progress=False, log=lambda *a: None)
+    prompts = qa_prompts("triviaqa", "dev", 6)
+    runs = {}
+    for skip in (True, False):
+        c = dataclasses.replace(cfg, anchors=dataclasses.replace(cfg.anchors, skip_decided=skip))
+        engine = Engine(members, make_fuser(c, members, entry, "fast"), max_batch=6)
+        runs[skip] = ({r.request.id: r.ids for r in engine.run([Request(i, p, 10) for i, p in enumerate(prompts)])},
+                      engine.report(1.0, 1))
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1]["decided_rows"] > 0 and runs[False][1]["decided_rows"] == 0
+    assert runs[True][1]["fused_rows"] + runs[True][1]["decided_rows"] == runs[False][1]["fused_rows"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .relative import tail_by_cluster
-from .search import SearchSettings, search_exact, search_fast
+from .search import SearchSettings, candidate_margin, search_exact, search_fast
 
 
 def relative_exact(logits: torch.Tensor, transfer) -> torch.Tensor:
@@ -65,6 +65,7 @@ def aggregate(relatives: list[torch.Tensor], weights: list[float]) -> torch.Tens
 class FastSettings:
     mass_epsilon: float = 1e-4
     max_support: int = 256
+    skip_decided: bool = True   # a row whose top logit leads by more than the search can move: no fusion
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Fuser:
         self.eos_token_id = eos_token_id
         # seconds per part: rules, relative, gather, search, broadcast
         self.seconds: dict[str, float] = defaultdict(float)
+        self.decided_rows = 0   # rows skipped because their token was decided (fast mode)
 
     @contextmanager
     def timed(self, part: str):
@@ -134,13 +136,21 @@ class Fuser:
 
     def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         """The fusion rules: not when eta is 0, not where the main model's own argmax is EOS,
-        not where the caller says so (a stop string was just completed)."""
+        not where the caller says so (a stop string was just completed). Fast mode also skips a
+        row whose outcome is decided: its top logit leads the second by more than the search can
+        move two logits apart (`candidate_margin`), so whatever the members say, the search
+        returns the main model's own argmax. Exact mode runs the authors' search on every row."""
         main_argmax = main_logits.argmax(-1)
         fuse = torch.ones_like(main_argmax, dtype=torch.bool) if skip is None else ~skip
         if self.search.eta == 0:
             fuse[:] = False
         if self.eos_token_id is not None:
             fuse &= main_argmax != self.eos_token_id
+        if self.mode == "fast" and self.fast.skip_decided and main_logits.shape[-1] > 1:
+            top = main_logits.float().topk(2, dim=-1).values
+            decided = fuse & (top[:, 0] - top[:, 1] > candidate_margin(self.search))
+            self.decided_rows = self.decided_rows + decided.sum()   # a tensor: no host sync
+            fuse &= ~decided
         return fuse
 
     def step(self, member_logits, skip: torch.Tensor | None = None, include: torch.Tensor | None = None,

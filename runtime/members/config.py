@@ -13,6 +13,7 @@ the file and the key (`ConfigError: configs/x.toml: members[1].tp_size: must be 
     row_cache = 512               # rows of P cached per member (fast mode)
     mass_epsilon = 1e-4           # fast mode: probability a member may leave to P's mean row
     max_support = 256             # fast mode: at most this many tokens per row and member
+    skip_decided = true           # fast mode: no fusion where the main model's token is decided
 
     [[members]]
     name = "gemma3-270m"
@@ -58,6 +59,7 @@ class AnchorConfig:
     row_cache: int = 512
     mass_epsilon: float = 1e-4
     max_support: int = 256
+    skip_decided: bool = True
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
     row_cache = anc.get("row_cache", int, 512)
     mass_epsilon = anc.get("mass_epsilon", float, 1e-4)
     max_support = anc.get("max_support", int, 256)
+    skip_decided = anc.get("skip_decided", bool, True)
     for key, value in (("max_anchors", max_anchors), ("row_cache", row_cache)):
         if value < 0:
             anc.fail(key, f"must be >= 0, got {value}")
@@ -222,7 +225,7 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
         anc.fail("max_support", f"must be a positive integer, got {max_support}")
     anc.finish()
     return EnsembleConfig(members, main, weights, eta, steps, mode,
-                          AnchorConfig(max_anchors, row_cache, mass_epsilon, max_support))
+                          AnchorConfig(max_anchors, row_cache, mass_epsilon, max_support, skip_decided))
 
 
 def _explicit_weights(ens: _Reader, weights: dict, names: list[str]) -> dict[str, float]:

@@ -92,7 +92,7 @@ def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode:
         transfers = [t if t is None else exact_transfers([t])[0] for t in transfers]
     return Fuser(transfers, config.member_weights(adapt_weights),
                  SearchSettings(eta=config.eta, steps=config.steps), mode,
-                 FastSettings(config.anchors.mass_epsilon, config.anchors.max_support),
+                 FastSettings(config.anchors.mass_epsilon, config.anchors.max_support, config.anchors.skip_decided),
                  members[0].eos_token_id)
 
 
