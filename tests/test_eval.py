@@ -192,19 +192,25 @@ def test_choice_scores_fast_full_support_equal_exact(tiny):
 
 
 def test_min_edit_map_on_tiny_tokenizers(tiny):
-    from runtime.deepen.vocab import token_bytes
+    """A shared token maps to the main member's own piece for it, never to a byte-fallback twin
+    (`<0x41>` for "A": an id the main model is fed as it is, and has barely seen)."""
+    from runtime.deepen.vocab import byte_fallback_ids, token_bytes
     members = tiny.members
     main, assist = token_bytes(members[0].tokenizer), token_bytes(members[1].tokenizer)
-    mapping = min_edit_map(assist, main, members[1].eos_token_id, members[0].eos_token_id, len(assist))
-    first = {}
-    for i, b in enumerate(main):
-        if b and b not in first:
-            first[b] = i
+    fallback = frozenset(byte_fallback_ids(members[0].tokenizer))
+    assert len(fallback) == 256
+    mapping = min_edit_map(assist, main, members[1].eos_token_id, members[0].eos_token_id, len(assist),
+                           main_fallback=fallback)
+    real = {b: i for i, b in reversed(list(enumerate(main))) if b and i not in fallback}
+    twins = 0
     for i, b in enumerate(assist):
-        if b in first:
-            assert mapping[i] == first[b]        # a shared token maps to itself
+        if b in real:
+            assert mapping[i] == real[b]        # a shared token maps to the main member's piece
+            twins += any(main[f] == b for f in fallback)
         elif b:
             assert mapping[i] >= 0 and main[mapping[i]] is not None
+            assert int(mapping[i]) not in fallback or main[mapping[i]] not in real
+    assert twins > 20  # single characters: both a piece and a byte-fallback id in tiny-sp
     assert mapping[members[1].eos_token_id] == members[0].eos_token_id
     # averaging through the map keeps a distribution a distribution
     fuser = MinEDFuser([None, mapping], [0.5, 0.5])
@@ -343,3 +349,20 @@ def test_letters_variant_with_eta_zero_is_the_main_member(tiny, tmp_path):
     main = read("single=tiny-sp.jsonl")
     assert read("deepen-letters@0.jsonl") == main and len(main) == 6
     assert set(read("deepen-letters@0.5.jsonl").values()) <= set("ABCD")
+
+
+def test_mined_decodes_through_the_engine(tiny):
+    """minED is a fuser like DEEPEN's: the engine hands it {member: logits} every step, and its
+    tokens are main-model ids the main member takes as they are."""
+    from runtime.deepen.vocab import byte_fallback_ids, token_bytes
+    from runtime.engine.engine import Engine
+    from runtime.engine.sequence import Request
+    members = tiny.members
+    main = token_bytes(members[0].tokenizer)
+    maps = [None] + [min_edit_map(token_bytes(m.tokenizer), main, m.eos_token_id, members[0].eos_token_id,
+                                  len(m.tokenizer), main_fallback=frozenset(byte_fallback_ids(members[0].tokenizer)))
+                     for m in members[1:]]
+    results = Engine(members, MinEDFuser(maps, [1 / 3] * 3), 2).run(
+        [Request(i, p, 6, ("\n",)) for i, p in enumerate(["the cat", "日本 code", "a dog likes"])])
+    assert sorted(r.request.id for r in results) == [0, 1, 2]
+    assert all(r.fused_steps > 0 and all(t < len(members[0].tokenizer) for t in r.ids) for r in results)

@@ -84,13 +84,22 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
-def ids_by_bytes(vocab_bytes: list[bytes | None]) -> dict[bytes, int]:
-    """Each token's bytes -> its lowest id (a vocabulary can spell the same bytes twice)."""
+def ids_by_bytes(vocab_bytes: list[bytes | None], avoid=frozenset()) -> dict[bytes, int]:
+    """Each token's bytes -> its lowest id (a vocabulary can spell the same bytes twice); an id in
+    `avoid` only where no other id spells those bytes."""
     index: dict[bytes, int] = {}
     for i, b in enumerate(vocab_bytes):
-        if b and b not in index:
+        if b and (b not in index or (index[b] in avoid and i not in avoid)):
             index[b] = i
     return index
+
+
+def byte_fallback_ids(tokenizer) -> set[int]:
+    """The ids of a SentencePiece vocabulary's byte-fallback pieces (`<0x41>` ...): the tokenizer
+    produces them only for bytes no other piece covers, so a model has barely seen `<0x41>` where
+    it reads "A". An id that is fed to a model (a token chosen for it) must be the real piece."""
+    return {i for piece, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False).items()
+            if _BYTE_PIECE.match(piece)}
 
 
 def find_anchors(vocabs: list[list[bytes | None]], max_anchors: int = 0) -> torch.Tensor:

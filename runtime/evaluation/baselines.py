@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..deepen.fusion import LOCAL, StepResult
-from ..deepen.vocab import ids_by_bytes, token_bytes
+from ..deepen.vocab import byte_fallback_ids, ids_by_bytes, token_bytes
 from ..jobs.progress import Progress
 
 
@@ -25,13 +25,16 @@ def _as_text(b: bytes) -> str:
 
 
 def min_edit_map(assist_bytes: list[bytes | None], main_bytes: list[bytes | None],
-                 assist_eos: int | None, main_eos: int | None, size: int, progress: bool = False) -> torch.Tensor:
+                 assist_eos: int | None, main_eos: int | None, size: int, progress: bool = False,
+                 main_fallback: frozenset = frozenset()) -> torch.Tensor:
     """For each assist id (size of its logits), the main id it maps to, or -1 (special tokens,
-    padding ids: their probability is dropped). Ties go to the lower (more frequent) main id."""
+    padding ids: their probability is dropped). Ties go to the lower (more frequent) main id. The
+    chosen id is fed to the main model as it is: a byte-fallback piece (`main_fallback`) is used
+    only for bytes no real piece spells."""
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
-    exact = ids_by_bytes(main_bytes)
-    choices = {i: _as_text(b) for i, b in enumerate(main_bytes) if b}
+    exact = ids_by_bytes(main_bytes, main_fallback)
+    choices = {i: _as_text(b) for i, b in enumerate(main_bytes) if b and exact.get(b) == i}
     mapping = torch.full((size,), -1, dtype=torch.long)
     missing = []
     for i, b in enumerate(assist_bytes[:size]):
@@ -56,12 +59,13 @@ def min_edit_map(assist_bytes: list[bytes | None], main_bytes: list[bytes | None
 
 def cached_min_edit_map(main, assist, size: int, home: Path, progress: bool = True) -> torch.Tensor:
     """min_edit_map, cached under $DEEPEN_HOME/mined by the two members' fingerprints."""
-    key = hashlib.sha256(f"{main.fingerprint}:{assist.fingerprint}:{size}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{main.fingerprint}:{assist.fingerprint}:{size}:v2".encode()).hexdigest()[:16]
     path = home / "mined" / f"{key}.safetensors"
     if path.exists():
         return load_file(path)["map"]
     mapping = min_edit_map(token_bytes(assist.tokenizer), token_bytes(main.tokenizer),
-                           assist.eos_token_id, main.eos_token_id, size, progress)
+                           assist.eos_token_id, main.eos_token_id, size, progress,
+                           frozenset(byte_fallback_ids(main.tokenizer)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"map": mapping}, tmp)
@@ -93,6 +97,8 @@ class MinEDFuser:
         """`Fuser.step`'s contract, in one process only (every member's logits here)."""
         if exchange is not LOCAL:
             raise ValueError("minED runs in one process: it needs every member's full distribution")
+        if isinstance(member_logits, dict):  # the engine's {member index: logits}
+            member_logits = [member_logits[i] for i in sorted(member_logits)]
         fuse = torch.ones(member_logits[0].shape[0], dtype=torch.bool, device=member_logits[0].device) \
             if skip is None else ~skip
         log_p = self.probs(member_logits).clamp_min(1e-30).log()
