@@ -56,6 +56,8 @@ class ComparingFuser:
                 if not same:
                     seen["disagreements"].append({"exact": int(result.tokens[i]), "fast": int(fast.tokens[i])})
             s = fast.stats
+            if "tail_mass" not in s:   # every row decided before the search (skip_decided)
+                continue
             seen["max_neglected_mass"] = max([seen["max_neglected_mass"]] +
                                              [float(m.max()) for m in s["neglected_mass"] if len(m)])
             seen["max_search_tail_mass"] = max(seen["max_search_tail_mass"], float(s["tail_mass"].max()))
