@@ -114,6 +114,8 @@ def test_a_group_across_hosts_is_refused_naming_the_member(tmp_path):
      "members[1].source: unknown PyPI model"),
     (lambda t: t.replace('name = "b"', 'name = "a"'), "members[1].name: duplicate member name"),
     (lambda t: t + "\n[anchors]\nmax_support = 0\n", "anchors.max_support: must be a positive"),
+    (lambda t: t + "\n[anchors]\nrow_product = \"int8\"\n", "anchors.row_product: must be one of auto, fp32, bf16"),
+    (lambda t: t + "\n[anchors]\nskip_agreeing = 1\n", "anchors.skip_agreeing"),
     (lambda t: t + "\n[extras]\n", "extras: unknown key"),
     (lambda t: t.replace("[ensemble]", "[ensemble\n"), "not valid TOML"),
 ])

@@ -26,6 +26,19 @@ source = "tiny:tiny-sp"
 name = "tiny-bpe"
 source = "tiny:tiny-bpe"
 """
+# one model twice: the assist re-encodes the text, so their argmaxes agree on some rows only
+TWIN = """[ensemble]
+main = "sp-a"
+eta = 0.3
+[anchors]
+skip_agreeing = true
+[[members]]
+name = "sp-a"
+source = "tiny:tiny-sp"
+[[members]]
+name = "sp-b"
+source = "tiny:tiny-sp"
+"""
 
 
 def free_port() -> int:
@@ -39,7 +52,9 @@ def home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     for mode in ("exact", "fast"):
         (home / f"pair-{mode}.toml").write_text(PAIR.format(mode=mode))
-    for config in ("configs/tiny.toml", "configs/tiny-tp.toml", str(home / "pair-exact.toml")):
+    (home / "pair-agree.toml").write_text(TWIN)
+    for config in ("configs/tiny.toml", "configs/tiny-tp.toml", str(home / "pair-exact.toml"),
+                   str(home / "pair-agree.toml")):
         subprocess.run([sys.executable, "-m", "launcher.cli", "anchors", "build", config], cwd=ROOT,
                        env={**os.environ, "DEEPEN_HOME": str(home)}, check=True, capture_output=True)
     return home
@@ -128,11 +143,13 @@ def test_each_rank_materialises_only_its_shard(home, tmp_path):
     assert full_mb < whole2 and sharded1 < full_mb + 64
 
 
-@pytest.mark.parametrize("ranks,config", [(2, "pair-exact"), (2, "pair-fast"), (3, "configs/tiny.toml"),
+@pytest.mark.parametrize("ranks,config", [(2, "pair-exact"), (2, "pair-fast"), (2, "pair-agree"),
+                                          (3, "configs/tiny.toml"),
                                           (4, "configs/tiny-tp.toml")])
 def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path, ranks, config):
     """Same completions, finish reasons and fused steps; same counts of rows fused and of the
-    mass fast mode neglected; the same timing parts (tiny-tp: the main member at tp 2)."""
+    mass fast mode neglected; the same timing parts (tiny-tp: the main member at tp 2; pair-agree:
+    the agreement skip, the assists' argmaxes gathered before the rows are picked)."""
     config = str(home / f"{config}.toml") if config.startswith("pair") else config
     inp = tmp_path / "in.jsonl"
     prompts(inp, 7)
@@ -149,10 +166,11 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     assert records(multi) == records(single)
     got, want = json.loads(stats.read_text()), json.loads(single_stats.read_text())
     assert got["world_size"] == ranks
-    for key in ("steps", "rows", "fused_rows", "tokens"):
+    for key in ("steps", "rows", "fused_rows", "tokens", "decided_rows", "agreeing_rows"):
         assert got[key] == want[key], key
+    assert (got["agreeing_rows"] > 0) == ("agree" in config)
     assert 0 < got["fused_rows"] <= got["rows"]
-    if "fast" in config:
+    if "fast" in config or "agree" in config:
         assert got["neglected_mass_sum"] == pytest.approx(want["neglected_mass_sum"], rel=1e-5, abs=1e-7)
         assert len(got["neglected_mass_max"]) == 2 and max(got["neglected_mass_max"]) > 0
     else:

@@ -150,3 +150,47 @@ def test_a_decided_row_is_not_fused_and_its_token_is_what_the_search_gives(mode)
     assert torch.equal(a.tokens[decided], b.tokens[decided])
     assert torch.equal(a.tokens[decided], top[decided])
     assert int(skipping.decided_rows) == int(decided.sum())
+
+
+def test_rows_of_p_from_a_bf16_product_stay_within_bf16_rounding():
+    """fast mode's bf16 product (fp32 accumulation, scale, normaliser and exp): a cosine of unit
+    vectors moves by at most 3 bf16 roundings (both inputs and the output: 3 x 2^-9), so every
+    log P[t, j] moves by at most that times temperature / ||R_t||; the relative vectors of a
+    member's distribution within the same factor in L1; back to fp32 gives the fp32 rows again."""
+    torch.manual_seed(5)
+    emb = torch.randn(2000, 64)
+    transfer = LowRankTransfer.build(emb, torch.arange(0, 2000, 2), clusters=8)
+    ids = torch.arange(0, 2000, 7)
+    exact = transfer.compute_rows(ids)
+    low = transfer.use_product(torch.bfloat16).compute_rows(ids)
+    bound = 3 * 2 ** -9 * transfer.temperature * transfer.inv_norm[ids]
+    assert ((low.log() - exact.log()).abs().amax(-1) <= bound).all()
+    assert (low.log() - exact.log()).abs().max() > 0   # it is a different product
+    probs = torch.softmax(torch.randn(4, 2000) * 3, -1)[:, ids]
+    r, r_low = probs @ exact, probs @ low
+    assert ((r - r_low).abs().sum(-1) / r.abs().sum(-1)).max() <= bound.max().exp() - 1   # entries >= 0
+    assert torch.equal(transfer.use_product(torch.float32).compute_rows(ids), exact)
+
+
+def test_agreeing_members_skip_fusion_only_with_skip_agreeing():
+    """skip_agreeing: a row where both members' argmax is the same anchor is not fused and
+    takes the main model's argmax; a row where they differ, or the argmax is no anchor, is fused."""
+    torch.manual_seed(4)
+    vocab, anchors = 300, 120
+    transfers = [LowRankTransfer.build(torch.randn(vocab, 16), torch.arange(0, vocab, 2)[:anchors], clusters=8),
+                 LowRankTransfer.build(torch.randn(vocab, 16), torch.arange(1, vocab, 2)[:anchors], clusters=8)]
+    main, other = torch.randn(6, vocab), torch.randn(6, vocab)
+    # column j is main id 2j and assist id 2j+1; rows 0-2 agree on columns 5, 7, 9
+    for row, column in enumerate((5, 7, 9)):
+        main[row, 2 * column] = other[row, 2 * column + 1] = 20.0
+    main[3, 2 * 11] = other[3, 2 * 12 + 1] = 20.0   # different anchors
+    main[4, 1] = 20.0                               # the main's argmax is no anchor (odd id)
+    other[4, 1 + 1] = 20.0                          # the assist's argmax is no anchor (even id)
+    settings = SearchSettings(eta=0.3, steps=5)
+    agreeing = Fuser(transfers, [0.5, 0.5], settings, "fast", FastSettings(1e-3, 64, False, skip_agreeing=True))
+    full = Fuser(transfers, [0.5, 0.5], settings, "fast", FastSettings(1e-3, 64, False))
+    a, b = agreeing.step([main, other]), full.step([main, other])
+    assert a.fused.tolist() == [False, False, False, True, True, True]
+    assert bool(b.fused.all()) and int(agreeing.agreeing_rows) == 3 and int(full.agreeing_rows) == 0
+    assert a.tokens[:3].tolist() == [10, 14, 18]
+    assert torch.equal(a.tokens[3:], b.tokens[3:])

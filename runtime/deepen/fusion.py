@@ -66,6 +66,7 @@ class FastSettings:
     mass_epsilon: float = 1e-4
     max_support: int = 256
     skip_decided: bool = True   # a row whose top logit leads by more than the search can move: no fusion
+    skip_agreeing: bool = False  # a row where every member's argmax is the same token: no fusion (not exact)
 
 
 @dataclass
@@ -91,6 +92,9 @@ class LocalExchange:
 
     def collect(self, parts: dict) -> list:
         return [parts[i] for i in sorted(parts)]
+
+    def collect_keys(self, keys: dict, batch: int) -> list:
+        return [keys[i] for i in sorted(keys)]
 
     def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
         return result
@@ -118,6 +122,8 @@ class Fuser:
         # seconds per part: rules, relative, gather, search, broadcast
         self.seconds: dict[str, float] = defaultdict(float)
         self.decided_rows = 0   # rows skipped because their token was decided (fast mode)
+        self.agreeing_rows = 0  # rows skipped because every member's argmax agreed (skip_agreeing)
+        self._anchor_column: dict[int, torch.Tensor] = {}
 
     @contextmanager
     def timed(self, part: str):
@@ -134,7 +140,31 @@ class Fuser:
             return relative_exact(logits, self.transfers[i]), None
         return relative_fast(logits, self.transfers[i], self.fast.mass_epsilon, self.fast.max_support)
 
-    def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    def argmax_anchor(self, i: int, logits: torch.Tensor) -> torch.Tensor:
+        """Member i's argmax per row as an anchor column (-1 where it is no anchor): two members'
+        argmaxes are the same token exactly when they are the same anchor column."""
+        t = self.transfers[i]
+        if i not in self._anchor_column:
+            column = torch.full((t.num_tokens,), -1, dtype=torch.long, device=t.device)
+            column[t.anchor_ids] = torch.arange(len(t.anchor_ids), device=t.device)
+            self._anchor_column[i] = column
+        ids = logits.argmax(-1).to(t.device)
+        return torch.where(ids < t.num_tokens, self._anchor_column[i][ids.clamp(max=t.num_tokens - 1)], -1)
+
+    def members_agree(self, logits: dict, exchange, batch: int) -> torch.Tensor | None:
+        """The optional agreement skip (the authors' advice, DeePEn issue #6): on the main
+        member, True for rows where every member's own argmax is the same token; not exact,
+        since fusion could still move a row where all agree. Fast mode only; None when off."""
+        if not (self.mode == "fast" and self.fast.skip_agreeing and exchange.leads and len(self.transfers) > 1):
+            return None
+        keys = exchange.collect_keys({i: self.argmax_anchor(i, l) for i, l in logits.items()}, batch)
+        if keys is None:
+            return None
+        keys = torch.stack([k.to(keys[0].device) for k in keys])
+        return (keys[0] >= 0) & keys.eq(keys[0]).all(0)
+
+    def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None,
+                     agree: torch.Tensor | None = None) -> torch.Tensor:
         """The fusion rules: not when eta is 0, not where the main model's own argmax is EOS,
         not where the caller says so (a stop string was just completed). Fast mode also skips a
         row whose outcome is decided: its top logit leads the second by more than the search can
@@ -151,6 +181,10 @@ class Fuser:
             decided = fuse & (top[:, 0] - top[:, 1] > candidate_margin(self.search))
             self.decided_rows = self.decided_rows + decided.sum()   # a tensor: no host sync
             fuse &= ~decided
+        if agree is not None:
+            agreeing = fuse & agree
+            self.agreeing_rows = self.agreeing_rows + agreeing.sum()
+            fuse &= ~agreeing
         return fuse
 
     def step(self, member_logits, skip: torch.Tensor | None = None, include: torch.Tensor | None = None,
@@ -166,9 +200,10 @@ class Fuser:
         batch = batch if batch is not None else len(next(iter(logits.values())))
         main = logits.get(0)
         fuse = None
-        if main is not None:
-            with self.timed("rules"):
-                fuse = self.rows_to_fuse(main, skip)
+        with self.timed("rules"):
+            agree = self.members_agree(logits, exchange, batch)
+            if main is not None:
+                fuse = self.rows_to_fuse(main, skip, agree)
         parts = None
         if exchange.leads:
             with self.timed("gather"):

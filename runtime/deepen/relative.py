@@ -122,7 +122,19 @@ class LowRankTransfer:
         self.mean_row = mean_row
         self.temperature = temperature
         self.cache_rows = cache_rows
+        self.product = torch.float32   # the dtype of a row's d x |A| product (see use_product)
+        self._low = None
         self._reset_cache()
+
+    def use_product(self, dtype: torch.dtype) -> "LowRankTransfer":
+        """Compute rows of P from a `dtype` copy of the embeddings (bf16: about 3x faster on CPUs
+        with AVX-512 BF16/AMX and on GPUs); the accumulation, the scale, the normaliser and the
+        exponential stay fp32. Fast mode only: exact mode's P is the authors' fp32."""
+        self.product = dtype
+        self._low = None if dtype == torch.float32 else \
+            (self.unit_emb.to(dtype), self.anchors_t.to(dtype))
+        self._reset_cache()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -133,7 +145,7 @@ class LowRankTransfer:
         state = {k: v.to(device) for k, v in self.state().items()}
         return LowRankTransfer(state["unit_emb"], state["anchor_ids"], state["inv_norm"], state["log_z"],
                                state["mean_row"], self.temperature, self.cache_rows, state["cluster_of"],
-                               state["cluster_rows"])
+                               state["cluster_rows"]).use_product(self.product)
 
     def _reset_cache(self):
         """The row cache, all tensors (no Python per-token bookkeeping): which slot holds each
@@ -211,13 +223,16 @@ class LowRankTransfer:
 
     def nbytes(self) -> int:
         tensors = [self.unit_emb, self.anchors_t, self.inv_norm, self.log_z, self.mean_row,
-                   self.anchor_ids, self.cluster_of, self.cluster_rows]
+                   self.anchor_ids, self.cluster_of, self.cluster_rows, *(self._low or ())]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             self.cache_rows * self.num_anchors * 4
 
     def compute_rows(self, ids: torch.Tensor) -> torch.Tensor:
         self.computed += len(ids)
-        logits = self.unit_emb[ids] @ self.anchors_t
+        if self._low is not None:
+            logits = (self._low[0][ids] @ self._low[1]).float()
+        else:
+            logits = self.unit_emb[ids] @ self.anchors_t
         logits.mul_((self.inv_norm[ids] * self.temperature)[:, None])
         return logits.sub_(self.log_z[ids][:, None]).exp_()
 

@@ -3,6 +3,8 @@
 Per step, in order (B = rows in the batch, |A| = anchors):
   control   rank 0's admission plan, msgpack bytes (never pickle) broadcast to every rank,
             only when it changes something (new prompts, dropped slots, the end)
+  keys      (only with skip_agreeing) each leader's argmax as an anchor column (B int64),
+            gathered to the main leader before it picks the rows
   rows      the main leader's fuse mask (B bytes), broadcast over the leaders' group
   gather    each leader's relative vectors for the fused rows + fast mode's neglected mass,
             (F x (|A| + 1)) fp32, gathered to the main leader
@@ -83,6 +85,17 @@ class GroupExchange:
         mask = fuse.to(torch.uint8) if fuse is not None else torch.empty(batch, dtype=torch.uint8, device=self.device)
         dist.broadcast(mask, 0, group=self.world.leaders_group)
         return mask.bool()
+
+    def collect_keys(self, keys: dict, batch: int) -> list | None:
+        """Every leader's (B,) int64 row keys (the agreement skip), on the main leader in member
+        order; None elsewhere."""
+        (mine,), leaders = keys.values(), self.world.layout.leaders
+        if len(leaders) == 1:
+            return [mine]
+        self.enter("keys")
+        received = [torch.empty_like(mine) for _ in leaders] if self.is_main else None
+        dist.gather(mine.contiguous(), received, dst=0, group=self.world.leaders_group)
+        return received
 
     def collect(self, parts: dict) -> list | None:
         """Every leader's (relative vectors, neglected mass) for the fused rows, on the main

@@ -52,14 +52,14 @@ class Heartbeat:
                 return
             self.stop.wait(self.every)
 
-    PHASES = ("plan", "rows", "gather", "tokens")  # a step's collectives, in order
+    PHASES = ("plan", "keys", "rows", "gather", "tokens")  # a step's collectives, in order
 
     def enter(self, phase: str):
         """The main thread enters one of a step's collectives (a wait for other ranks). Steps are
         counted over the whole job: every rank runs the same steps in lock-step."""
         if phase == "plan":
             self.step = 0 if self.step is None else self.step + 1
-        position = 4 * (self.step or 0) + self.PHASES.index(phase)
+        position = len(self.PHASES) * (self.step or 0) + self.PHASES.index(phase)
         with self.lock:
             self.store.set(f"deepen/at/{self.world.rank}", str(position))
         self.position, self.step_since = position, time.monotonic()
@@ -81,11 +81,11 @@ class Heartbeat:
         low = min(at.values())
         limit = f"the step timeout ({self.step_timeout:g} s)"
         if all(p == low for p in at.values()):
-            return f"no rank has passed '{self.PHASES[low % 4]}' of step {low // 4} within {limit}: a stalled collective"
+            return f"no rank has passed '{self.PHASES[low % len(self.PHASES)]}' of step {low // len(self.PHASES)} within {limit}: a stalled collective"
         names = "; ".join("this rank" if r == self.world.rank else self.world.layout.describe(r)
                           for r, p in sorted(at.items()) if p == low)
-        return (f"{names} has not finished step {low // 4} within {limit}: alive but stuck after "
-                f"'{self.PHASES[low % 4]}'")
+        return (f"{names} has not finished step {low // len(self.PHASES)} within {limit}: alive but stuck after "
+                f"'{self.PHASES[low % len(self.PHASES)]}'")
 
     def close(self):
         self.stop.set()

@@ -14,6 +14,8 @@ the file and the key (`ConfigError: configs/x.toml: members[1].tp_size: must be 
     mass_epsilon = 1e-4           # fast mode: probability a member may leave to P's mean row
     max_support = 256             # fast mode: at most this many tokens per row and member
     skip_decided = true           # fast mode: no fusion where the main model's token is decided
+    row_product = "auto"          # fast mode: "fp32" | "bf16" | "auto" (bf16 where it is fast)
+    skip_agreeing = false         # no fusion where every member's argmax is the same token (not exact)
 
     [[members]]
     name = "gemma3-270m"
@@ -35,6 +37,7 @@ from pathlib import Path
 from .catalog import PYPI_MODELS, TINY_MODELS
 
 DTYPES = ("float32", "bfloat16", "float16")
+ROW_PRODUCTS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -60,6 +63,8 @@ class AnchorConfig:
     mass_epsilon: float = 1e-4
     max_support: int = 256
     skip_decided: bool = True
+    row_product: str = "auto"
+    skip_agreeing: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,10 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
     mass_epsilon = anc.get("mass_epsilon", float, 1e-4)
     max_support = anc.get("max_support", int, 256)
     skip_decided = anc.get("skip_decided", bool, True)
+    row_product = anc.get("row_product", str, "auto")
+    if row_product not in ROW_PRODUCTS:
+        anc.fail("row_product", f"must be one of {', '.join(ROW_PRODUCTS)}, got {row_product!r}")
+    skip_agreeing = anc.get("skip_agreeing", bool, False)
     for key, value in (("max_anchors", max_anchors), ("row_cache", row_cache)):
         if value < 0:
             anc.fail(key, f"must be >= 0, got {value}")
@@ -225,7 +234,8 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
         anc.fail("max_support", f"must be a positive integer, got {max_support}")
     anc.finish()
     return EnsembleConfig(members, main, weights, eta, steps, mode,
-                          AnchorConfig(max_anchors, row_cache, mass_epsilon, max_support, skip_decided))
+                          AnchorConfig(max_anchors, row_cache, mass_epsilon, max_support, skip_decided,
+                                       row_product, skip_agreeing))
 
 
 def _explicit_weights(ens: _Reader, weights: dict, names: list[str]) -> dict[str, float]:
@@ -244,17 +254,22 @@ def _explicit_weights(ens: _Reader, weights: dict, names: list[str]) -> dict[str
 
 
 def with_fast_setting(config: EnsembleConfig, setting: str) -> EnsembleConfig:
-    """The config with fast mode's MASS_EPSILON:MAX_SUPPORT replaced (e.g. "1e-4:256"): the
-    settings `deepen measure` compares."""
+    """The config with fast mode's MASS_EPSILON:MAX_SUPPORT[:ROW_PRODUCT] replaced (e.g.
+    "1e-4:256" or "1e-4:256:bf16"): the settings `deepen measure` compares."""
     import dataclasses
-    eps, sep, k = setting.partition(":")
+    eps, sep, rest = setting.partition(":")
+    k, _, product = rest.partition(":")
+    product = product or config.anchors.row_product
     try:
         mass_epsilon, max_support = float(eps), int(k)
     except ValueError:
-        raise ConfigError(f"--setting {setting!r}: expected MASS_EPSILON:MAX_SUPPORT, e.g. 1e-4:256") from None
-    if not sep or not 0 <= mass_epsilon < 1 or max_support < 1:
-        raise ConfigError(f"--setting {setting!r}: expected MASS_EPSILON in [0, 1) and MAX_SUPPORT >= 1")
-    anchors = dataclasses.replace(config.anchors, mass_epsilon=mass_epsilon, max_support=max_support)
+        raise ConfigError(f"--setting {setting!r}: expected MASS_EPSILON:MAX_SUPPORT[:ROW_PRODUCT], "
+                          "e.g. 1e-4:256 or 1e-4:256:bf16") from None
+    if not sep or not 0 <= mass_epsilon < 1 or max_support < 1 or product not in ROW_PRODUCTS:
+        raise ConfigError(f"--setting {setting!r}: expected MASS_EPSILON in [0, 1), MAX_SUPPORT >= 1 "
+                          f"and ROW_PRODUCT one of {', '.join(ROW_PRODUCTS)}")
+    anchors = dataclasses.replace(config.anchors, mass_epsilon=mass_epsilon, max_support=max_support,
+                                  row_product=product)
     return dataclasses.replace(config, anchors=anchors)
 
 

@@ -31,3 +31,23 @@ def check_dtype(name: str, dtype: str, device: torch.device):
         raise ValueError(f"member {name!r}: dtype bfloat16, but {torch.cuda.get_device_name(device)} "
                          "does not support it: use float16 (not for Gemma-3, whose activations "
                          "overflow float16) or float32")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether a bf16 matrix product is fast here: a GPU that supports bf16, or a CPU with
+    AVX-512 BF16 or AMX (elsewhere oneDNN emulates bf16 and it is slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def row_product_dtype(choice: str, device) -> torch.dtype:
+    """[anchors] row_product: "fp32", "bf16", or "auto" (bf16 where `fast_bf16`)."""
+    if choice == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]

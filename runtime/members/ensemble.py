@@ -11,7 +11,7 @@ from ..deepen.fusion import FastSettings, Fuser
 from ..deepen.search import SearchSettings
 from ..jobs.progress import Progress
 from .config import EnsembleConfig, MemberConfig
-from .devices import check_dtype
+from .devices import check_dtype, row_product_dtype
 from .sources import anchors_root, deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
 
 
@@ -90,9 +90,13 @@ def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode:
     transfers = load_transfers(entry, config.anchors.row_cache, only, [m.device for m in members])
     if mode == "exact":
         transfers = [t if t is None else exact_transfers([t])[0] for t in transfers]
+    else:
+        transfers = [t if t is None else t.use_product(row_product_dtype(config.anchors.row_product, t.device))
+                     for t in transfers]
+    a = config.anchors
     return Fuser(transfers, config.member_weights(adapt_weights),
                  SearchSettings(eta=config.eta, steps=config.steps), mode,
-                 FastSettings(config.anchors.mass_epsilon, config.anchors.max_support, config.anchors.skip_decided),
+                 FastSettings(a.mass_epsilon, a.max_support, a.skip_decided, a.skip_agreeing),
                  members[0].eos_token_id)
 
 
