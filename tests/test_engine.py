@@ -138,5 +138,10 @@ def test_bench_interleaves_series_and_decodes_what_the_engine_decodes(tiny):
     assert row["ensemble"]["tokens"] == tokens(members, make_fuser(cfg, members, entry, "fast"))
     for m in members:
         assert row["members"][m.name]["tokens"] == tokens([m], single_fuser([m]))
+    engine = Engine(members, make_fuser(cfg, members, entry, "fast"), 2)
+    engine.run([Request(i, p, 3) for i, p in enumerate(PROMPTS[:2])])
+    counts = engine.report(1.0, 1)
+    assert {k: row["ensemble"][k] for k in ("rows", "fused_rows", "decided_rows")} == \
+        {k: counts[k] for k in ("rows", "fused_rows", "decided_rows")} and counts["rows"] > 0
     text = table(out)
     assert "nan" not in text and text.splitlines()[2].endswith("| – |")  # no reference loop run

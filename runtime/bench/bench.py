@@ -44,6 +44,10 @@ def spread(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+ROW_COUNTS = ("rows", "fused_rows", "decided_rows", "agreeing_rows")
+FUSION_PARTS = ("rules", "relative", "search")   # the fusion itself (one process: no gather)
+
+
 def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int) -> dict:
     if hasattr(fuser, "seconds"):
         fuser.seconds.clear()
@@ -53,7 +57,9 @@ def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int) 
     results = engine.run(requests)
     seconds = time.perf_counter() - t0
     tokens = sum(len(r.ids) for r in results)
+    report = engine.report(seconds, tokens)
     return {"seconds": seconds, "tokens": tokens, "steps": engine.steps,
+            **{k: report.get(k, 0) for k in ROW_COUNTS},
             "tokens_per_s": tokens / seconds, "step_s": seconds / max(engine.steps, 1),
             "ttft_s": statistics.median(r.first_token_s for r in results),
             "breakdown_s": engine.breakdown()}
@@ -124,7 +130,9 @@ def _summary(runs: list[dict]) -> dict:
             "step_s": spread([r["step_s"] for r in runs]),
             "ttft_s": spread([r["ttft_s"] for r in runs]),
             "tokens": runs[0]["tokens"], "steps": runs[0]["steps"],
+            **{k: runs[0].get(k, 0) for k in ROW_COUNTS},
             "share": {k: v / total for k, v in breakdown.items()},
+            "fusion_share": sum(breakdown.get(k, 0.0) for k in FUSION_PARTS) / total,
             "outside_forward_share": 1 - forward / total}
 
 
@@ -135,14 +143,16 @@ def table(result: dict) -> str:
 
     lines = ["| batch | ensemble tok/s (min/med/max) | " +
              " | ".join(f"{n} alone tok/s" for n in result["batches"][0].get("members", {})) +
-             " | step / sum of solo steps | outside forward | vs reference |",
-             "|---|---|" + "---|" * len(result["batches"][0].get("members", {})) + "---|---|---|"]
+             " | step / sum of solo steps | fusion | outside forward | rows fused / decided / agreeing "
+             "(of all) | vs reference |",
+             "|---|---|" + "---|" * len(result["batches"][0].get("members", {})) + "---|---|---|---|---|"]
     for row in result["batches"]:
         e = row["ensemble"]["tokens_per_s"]
         solo = " | ".join(f"{v['tokens_per_s']['median']:.1f}" for v in row.get("members", {}).values())
         lines.append(f"| {row['batch']} | {e['min']:.1f} / {e['median']:.1f} / {e['max']:.1f} | {solo} | "
                      f"{cell(row.get('ensemble_step_over_sum_of_solo_steps'), '.2f')} | "
-                     f"{row['ensemble']['outside_forward_share']:.1%} | "
+                     f"{cell(row['ensemble'].get('fusion_share'), '.1%')} | "
+                     f"{row['ensemble']['outside_forward_share']:.1%} | {_rows(row['ensemble'])} | "
                      f"{cell(row.get('speedup_vs_reference'), '.1f')}{'' if row.get('speedup_vs_reference') is None else 'x'} |")
     if "exact_vs_fast" in result:
         e = result["exact_vs_fast"]
@@ -153,6 +163,12 @@ def table(result: dict) -> str:
         lines.append(f"\nreference loop ({r['prompts']} prompts x {r['new_tokens']} tokens): "
                      f"{r['tokens_per_s']['median']:.2f} tok/s")
     return "\n".join(lines)
+
+
+def _rows(summary: dict) -> str:
+    if not summary.get("rows"):
+        return "–"
+    return " / ".join(str(summary.get(k, 0)) for k in ROW_COUNTS[1:]) + f" ({summary['rows']})"
 
 
 def plot(result: dict, out_dir) -> list:
