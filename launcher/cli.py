@@ -12,7 +12,7 @@ from runtime.members.config import load_config
 from runtime.members.sources import deepen_home
 
 from .cli_bench import COMMANDS
-from .common import Command, Group, echo_err, fail
+from .common import Command, Group, echo_err, fail, sampling_from, sampling_options
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
@@ -129,8 +129,9 @@ def layout(config, hostfile):
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
 @click.option("--stats", type=click.Path(dir_okay=False),
               help="write the run's figures here as JSON (steps, fused rows, neglected mass, time per part)")
+@sampling_options
 def generate(config, input_path, output_path, resume, overwrite, skip_bad, method, member, batch,
-             max_new_tokens, stop, mode, eta, device, threads, stats):
+             max_new_tokens, stop, mode, eta, device, threads, stats, temperature, top_p, top_k, seed, n, logprobs):
     """Decode every prompt of --input with the ensemble (or one member alone) into --output."""
     import torch
     from runtime.api import Ensemble
@@ -142,7 +143,8 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
         names = [m.name for m in load_config(config).members]
         fail(f"--method single needs --member, one of: {', '.join(names)}")
     todo, done = pending_requests(input_path, output_path, resume, overwrite, max_new_tokens,
-                                  tuple(parse_stop(s) for s in stop), skip_bad, warn=echo_err)
+                                  tuple(parse_stop(s) for s in stop), skip_bad, warn=echo_err,
+                                  sampling=sampling_from(temperature, top_p, top_k, n, logprobs), seed=seed)
     ensemble = Ensemble(config, member=member if method == "single" else None, mode=mode, eta=eta,
                         device=device, log=echo_err)
     try:

@@ -90,7 +90,7 @@ def measure():
 @click.option("--prompts", "n_prompts", default=26, show_default=True, help="dev questions")
 @click.option("--new-tokens", default=20, show_default=True)
 @click.option("--setting", "settings", multiple=True,
-              help="fast-mode settings to compare, MASS_EPSILON:MAX_SUPPORT (repeatable; default: the config's)")
+              help="fast-mode settings to compare, MASS_EPSILON:MAX_SUPPORT[:ROW_PRODUCT] (repeatable; default: the config's)")
 @click.option("--batch", default=32, show_default=True)
 @click.option("--capture", type=click.Path(file_okay=False),
               help="save every step's logits and exact tokens here (for `deepen measure replay`)")
@@ -121,7 +121,7 @@ def measure_agreement(config, task, n_prompts, new_tokens, settings, batch, capt
 @measure.command("replay")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
 @click.option("--capture", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--setting", "settings", multiple=True, help="MASS_EPSILON:MAX_SUPPORT (repeatable)")
+@click.option("--setting", "settings", multiple=True, help="MASS_EPSILON:MAX_SUPPORT[:ROW_PRODUCT], e.g. 1e-4:256:bf16 (repeatable)")
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
 def measure_replay(config, capture, settings, output):
     """Fast-mode agreement on the steps an exact run captured (`measure agreement --capture`)."""

@@ -33,3 +33,36 @@ class Command(click.Command):
 class Group(click.Group):
     command_class = Command
     group_class = type
+
+
+def sampling_options(f):
+    """--temperature, --top-p, --top-k, --seed, --samples, --logprobs: the job's sampling defaults (a
+    request's own JSON-lines fields override them)."""
+    options = [
+        click.option("--temperature", default=0.0, show_default=True,
+                     help="0: greedy decoding; > 0: draw from the fused distribution"),
+        click.option("--top-p", default=1.0, show_default=True, help="nucleus: keep the most likely tokens holding this mass"),
+        click.option("--top-k", default=0, show_default=True, help="keep the k most likely tokens (0: all)"),
+        click.option("--seed", default=0, show_default=True,
+                     help="the job's seed: a request without its own 'seed' draws from (seed, its id)"),
+        # not --n: the deepspeed launcher's parser takes any prefix of its own options (--num_gpus)
+        click.option("--samples", "n", default=1, show_default=True,
+                     help="samples per prompt, the field 'n' (ids <id>#<k>)"),
+        click.option("--logprobs", type=int, default=None,
+                     help="add each token's log-probability (fused, and the main model's alone) and the "
+                          "N most likely alternatives (0: the chosen token's only)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_from(temperature, top_p, top_k, n, logprobs):
+    """The job's SamplingParams; a bad value is a one-line error naming the option."""
+    import re
+
+    from runtime.engine.sampling import SamplingParams
+    try:
+        return SamplingParams(temperature, top_p, top_k, None, n, logprobs).check()
+    except ValueError as e:
+        raise ValueError(re.sub(r"field '(\w+)'", lambda m: "--" + {"n": "samples"}.get(m.group(1), m.group(1)).replace("_", "-"), str(e))) from None

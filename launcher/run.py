@@ -19,6 +19,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by the launchers
 
+from launcher.common import sampling_from, sampling_options  # noqa: E402
 from runtime.engine.stops import parse_stop  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -46,12 +47,20 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--stats", type=click.Path(dir_okay=False),
               help="write each rank's figures here as JSON (rank r > 0 at PATH.rank<r>)")
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
+@sampling_options
 def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
-         stop, startup_timeout, step_timeout, threads, stats, local_rank):
+         stop, startup_timeout, step_timeout, threads, stats, local_rank, temperature, top_p, top_k, seed, n,
+         logprobs):
     """Run `deepen generate` across ranks: each member in its own tensor-parallel group."""
     from runtime.distributed.job import generate
+    try:
+        sampling = sampling_from(temperature, top_p, top_k, n, logprobs)
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     generate(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
-             tuple(parse_stop(s) for s in stop), startup_timeout, step_timeout, threads, stats)
+             tuple(parse_stop(s) for s in stop), startup_timeout, step_timeout, threads, stats,
+             sampling=sampling, seed=seed)
 
 
 @click.command(context_settings=CONTEXT)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .engine.engine import Engine
 from .engine.sequence import Request, Result
-from .jobs.files import parse_request
+from .engine.sampling import SamplingParams
+from .jobs.files import expand_samples, parse_request
 from .members.config import EnsembleConfig, load_config
 from .members.devices import pick_device
 from .members.ensemble import anchors_entry, load_members, make_fuser, single_fuser
@@ -60,17 +61,26 @@ class Ensemble:
         return engine.run(requests, on_result)
 
     def generate(self, prompts, *, max_new_tokens: int = 64, stop: str | list[str] = (),
-                 batch: int = 8, on_result=None) -> list[dict]:
+                 batch: int = 8, on_result=None, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, n: int = 1, logprobs: int | None = None,
+                 job_seed: int = 0) -> list[dict]:
         """prompts: a string, or a list of strings or of dicts with the JSON-lines fields (`id`,
-        `prompt`, and optionally `max_new_tokens`, `stop` and fields of your own). Returns one
-        record per prompt, in the order given: id (a string's index), completion, tokens,
-        finish_reason (eos | stop | length), member_tokens, fused_steps, your fields."""
+        `prompt`, and optionally `max_new_tokens`, `stop`, the sampling fields and fields of your
+        own). Returns one record per prompt (per sample with n > 1: ids `<id>#<k>`), in the
+        order given: id (a string's index), completion, tokens, finish_reason (eos | stop |
+        length), member_tokens, fused_steps, logprobs (when asked for), your fields.
+        temperature 0 is greedy decoding; otherwise tokens are drawn from the fused distribution
+        after top_k and top_p, reproducibly from `seed` (default: from job_seed and the id);
+        logprobs=k adds each token's log-probability, fused and under the main model alone, and
+        the k most likely alternatives (engine/sampling.py)."""
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        sampling = SamplingParams(temperature, top_p, top_k, seed, n, logprobs).check()
         requests = []
         for i, item in enumerate(items):
             obj = {"id": i, "prompt": item} if isinstance(item, str) else item
-            requests.append(parse_request(obj, f"prompts[{i}]", max_new_tokens, stop))
+            requests.extend(expand_samples(parse_request(obj, f"prompts[{i}]", max_new_tokens, stop, sampling),
+                                           job_seed))
         if len({r.id for r in requests}) < len(requests):
             raise ValueError("prompts: ids must be unique")
         order = {r.id: k for k, r in enumerate(requests)}

@@ -179,6 +179,27 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     assert parts(got) == parts(want) == FUSION_PARTS | {"resync"}
 
 
+def test_sampled_generation_under_the_launcher_is_the_single_process_one(home, tmp_path):
+    """--temperature, --n and --logprobs across two ranks: the draws happen on the main leader
+    from the same seeds, so the samples and their log-probabilities are those of one process."""
+    config = str(home / "pair-fast.toml")
+    inp = tmp_path / "in.jsonl"
+    prompts(inp, 5)
+    options = ["--batch", "3", "--temperature", "0.8", "--top-k", "40", "--samples", "2", "--seed", "3", "--logprobs", "2"]
+    single = tmp_path / "single.jsonl"
+    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
+                    "--output", str(single), *options], cwd=ROOT, env=env(home), check=True, capture_output=True)
+    multi = tmp_path / "multi.jsonl"
+    proc = launch(home, 2, "launcher/run.py", "--config", config, "--input", str(inp), "--output", str(multi), *options)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    got, want = records(multi), records(single)
+    assert set(got) == {f"{i}#{k}" for i in range(5) for k in range(2)} == set(want)
+    for i in want:
+        assert got[i]["completion"] == want[i]["completion"]
+        assert [s["logprob"] for s in got[i]["logprobs"]] == pytest.approx([s["logprob"] for s in want[i]["logprobs"]], abs=1e-5)
+
+
 def test_wrong_world_size_is_a_clear_error(home, tmp_path):
     inp = tmp_path / "in.jsonl"
     prompts(inp, 1)

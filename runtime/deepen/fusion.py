@@ -77,6 +77,7 @@ class StepResult:
     final_logits: torch.Tensor | None = None  # exact mode only
     stats: dict = field(default_factory=dict)  # neglected_mass: per member, (fused rows,) (fast)
     include_logits: torch.Tensor | None = None  # final logits of the ids asked for (every row)
+    logprobs: list | None = None      # per row: a sampler's log-probability record, or None
 
 
 class LocalExchange:
@@ -164,12 +165,14 @@ class Fuser:
         return (keys[0] >= 0) & keys.eq(keys[0]).all(0)
 
     def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None,
-                     agree: torch.Tensor | None = None) -> torch.Tensor:
+                     agree: torch.Tensor | None = None, greedy: torch.Tensor | None = None) -> torch.Tensor:
         """The fusion rules: not when eta is 0, not where the main model's own argmax is EOS,
         not where the caller says so (a stop string was just completed). Fast mode also skips a
         row whose outcome is decided: its top logit leads the second by more than the search can
         move two logits apart (`candidate_margin`), so whatever the members say, the search
-        returns the main model's own argmax. Exact mode runs the authors' search on every row."""
+        returns the main model's own argmax. Exact mode runs the authors' search on every row.
+        Both skips are about the argmax: a row that samples or reports log-probabilities
+        (`greedy` False) is always fused."""
         main_argmax = main_logits.argmax(-1)
         fuse = torch.ones_like(main_argmax, dtype=torch.bool) if skip is None else ~skip
         if self.search.eta == 0:
@@ -179,23 +182,26 @@ class Fuser:
         if self.mode == "fast" and self.fast.skip_decided and main_logits.shape[-1] > 1:
             top = main_logits.float().topk(2, dim=-1).values
             decided = fuse & (top[:, 0] - top[:, 1] > candidate_margin(self.search))
+            decided = decided if greedy is None else decided & greedy
             self.decided_rows = self.decided_rows + decided.sum()   # a tensor: no host sync
             fuse &= ~decided
         if agree is not None:
-            agreeing = fuse & agree
+            agreeing = fuse & agree if greedy is None else fuse & agree & greedy
             self.agreeing_rows = self.agreeing_rows + agreeing.sum()
             fuse &= ~agreeing
         return fuse
 
     def step(self, member_logits, skip: torch.Tensor | None = None, include: torch.Tensor | None = None,
-             exchange=LOCAL, memo: dict | None = None, batch: int | None = None) -> StepResult:
+             exchange=LOCAL, memo: dict | None = None, batch: int | None = None, sampler=None) -> StepResult:
         """The per-step protocol (module doc). member_logits: a list (every member, main first)
         or {member index: (B, |V_i|) last-position logits} of the members this process fuses
         for. `skip` marks rows that must not be fused. `include`: main-model ids whose final
         logits the caller wants (a choice-constrained answer). `memo`: a dict shared by fusers
         with the same transfers, so their relative vectors are computed once (the caller
         clears it when the logits change). `batch`: the number of rows, for a process that
-        holds no logits (a tensor-parallel rank that is no member's leader)."""
+        holds no logits (a tensor-parallel rank that is no member's leader). `sampler`
+        (engine/sampling.py): draws sampled rows' tokens from the final logits and reports
+        log-probabilities, where the tokens are decided (the main leader)."""
         logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
         batch = batch if batch is not None else len(next(iter(logits.values())))
         main = logits.get(0)
@@ -203,7 +209,8 @@ class Fuser:
         with self.timed("rules"):
             agree = self.members_agree(logits, exchange, batch)
             if main is not None:
-                fuse = self.rows_to_fuse(main, skip, agree)
+                greedy = sampler.argmax_only(main.device) if sampler is not None else None
+                fuse = self.rows_to_fuse(main, skip, agree, greedy)
         parts = None
         if exchange.leads:
             with self.timed("gather"):
@@ -222,7 +229,7 @@ class Fuser:
                 if self.mode == "fast":
                     stats["neglected_mass"] = [p[1] for p in parts]  # tensors: no host transfer
             with self.timed("search"):
-                result = self.decide(main, r, fuse, stats, include)
+                result = self.decide(main, r, fuse, stats, include, sampler)
         with self.timed("broadcast"):
             return exchange.share_tokens(result, batch)
 
@@ -236,26 +243,40 @@ class Fuser:
         return memo[key]
 
     def decide(self, main_logits: torch.Tensor, r: torch.Tensor | None, fuse: torch.Tensor,
-               stats: dict | None = None, include: torch.Tensor | None = None) -> StepResult:
+               stats: dict | None = None, include: torch.Tensor | None = None, sampler=None) -> StepResult:
         """The inverse search on the main model for the rows in `fuse` (r: their aggregated
-        relative vectors, in row order); every other row takes the main model's own argmax."""
+        relative vectors, in row order); every other row takes the main model's own argmax.
+        With a sampler that needs them, the final logits of every row (fast mode: the searched
+        support, the main model's logits elsewhere) go to it."""
         main = main_logits.float()
         tokens = main.argmax(-1)
         stats = stats or {}
         include = None if include is None else include.to(main.device)
         picked = None if include is None else main[:, include].clone()
+        final = None
         if r is None:
-            return StepResult(tokens, fuse, None, main if self.mode == "exact" else None, stats, picked)
-        rows = fuse.nonzero(as_tuple=True)[0]
-        if self.mode == "exact":
+            final = main if self.mode == "exact" else None
+            result = StepResult(tokens, fuse, None, final, stats, picked)
+        elif self.mode == "exact":
+            rows = fuse.nonzero(as_tuple=True)[0]
             final = main.clone()
             final[rows] = search_exact(main[rows], r, self.transfers[0], self.search)
-            return StepResult(final.argmax(-1), fuse, r, final, stats,
-                              None if include is None else final[:, include])
-        chosen, search_stats = search_fast(main[rows], r, self.transfers[0], self.search,
-                                           self.fast.mass_epsilon, self.fast.max_support, include)
-        tokens[rows] = chosen
-        if include is not None:
-            picked[rows] = search_stats.pop("include_logits")
-        stats.update(search_stats)
-        return StepResult(tokens, fuse, r, None, stats, picked)
+            result = StepResult(final.argmax(-1), fuse, r, final, stats,
+                                None if include is None else final[:, include])
+        else:
+            rows = fuse.nonzero(as_tuple=True)[0]
+            keep = sampler is not None and sampler.needs_logits
+            chosen, search_stats = search_fast(main[rows], r, self.transfers[0], self.search,
+                                               self.fast.mass_epsilon, self.fast.max_support, include, keep)
+            tokens[rows] = chosen
+            if include is not None:
+                picked[rows] = search_stats.pop("include_logits")
+            if keep:
+                ids, z = search_stats.pop("searched")
+                final = main.clone()
+                final[rows] = final[rows].scatter(1, ids, z)
+            stats.update(search_stats)
+            result = StepResult(tokens, fuse, r, None, stats, picked)
+        if sampler is not None and sampler.needs_logits:
+            result.tokens, result.logprobs = sampler(main if final is None else final, main, result.tokens)
+        return result

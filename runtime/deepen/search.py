@@ -110,7 +110,7 @@ def candidate_margin(s: SearchSettings) -> float:
 
 def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchSettings,
                 mass_epsilon: float = 1e-4, max_support: int = 256,
-                include: torch.Tensor | None = None):
+                include: torch.Tensor | None = None, keep: bool = False):
     """Search restricted to the tokens that can still win. Returns (tokens, stats).
 
     Support per row: the top-k prefix of the main logits that holds both every candidate (logit
@@ -119,6 +119,9 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     set was larger than max_support (then the result may differ from exact mode).
     `include` (1-D token ids): searched in every row whatever their rank (the option letters of a
     choice-constrained answer); stats["include_logits"] (B x n) holds their final logits.
+    `keep`: stats["searched"] = (ids, final logits) of each row's support, every column (a
+    column outside the live support holds its starting logit): the fused distribution, with
+    the rest of the vocabulary frozen at the main model's logits.
     """
     z0 = main_logits.detach().float()
     rows_n = z0.shape[0]
@@ -178,8 +181,13 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
         opt.zero_grad()
     z = z.detach().masked_fill(~live, float("-inf"))
     tokens = ids.gather(1, z.argmax(-1, keepdim=True)).squeeze(1)
+    searched = (ids, torch.where(live, z, z0.gather(1, ids))) if keep and include is None else None
     # tensors on the search's device: a caller that wants numbers reads them (no per-step transfer)
     stats = {"support": k, "candidates": k_cand, "tail_mass": tail_mass, "capped": capped}
+    if keep:
+        if searched is None:
+            raise ValueError("sampling with `include` (a choice-constrained answer) is not supported")
+        stats["searched"] = searched
     if include is not None:
         match = (ids[:, :, None] == include[None, None, :]) & live[:, :, None]
         stats["include_logits"] = torch.where(match, z[:, :, None], float("-inf")).amax(1)

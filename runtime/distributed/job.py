@@ -18,6 +18,7 @@ from ..bench.ranks import COMMUNICATION
 from ..engine.engine import Engine
 from ..engine.lane import Lane
 from ..engine.sequence import Request
+from ..engine.sampling import GREEDY
 from ..jobs.files import ResultWriter, pending_requests
 from ..jobs.progress import peak_rss_mb
 from ..members.config import ConfigError, load_config
@@ -167,7 +168,7 @@ def rank_report(rank: Rank, engine: Engine, seconds: float, tokens: int) -> dict
 
 def generate(config_path, input_path, output_path, resume=False, overwrite=False, skip_bad=False,
              batch=8, max_new_tokens=64, stop=(), startup_timeout=1800.0, step_timeout=120.0, threads=None,
-             stats=None):
+             stats=None, sampling=None, seed=0):
     """`deepen generate` across ranks: rank 0 alone reads --input and writes --output."""
     rank = Rank(config_path, startup_timeout, step_timeout, threads)
     with rank.guard():
@@ -176,7 +177,8 @@ def generate(config_path, input_path, output_path, resume=False, overwrite=False
         if rank.world.rank == 0:
             try:
                 requests, _ = pending_requests(input_path, output_path, resume, overwrite, max_new_tokens,
-                                               tuple(stop), skip_bad, warn=lambda m: print(m, file=sys.stderr))
+                                               tuple(stop), skip_bad, warn=lambda m: print(m, file=sys.stderr),
+                                               sampling=sampling or GREEDY, seed=seed)
                 verdict = {"error": None}
             except (ValueError, OSError) as e:
                 verdict = {"error": str(e)}

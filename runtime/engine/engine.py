@@ -20,6 +20,7 @@ import torch
 
 from ..deepen.fusion import LOCAL
 from .lane import Lane
+from .sampling import GREEDY, Sampler, stable_seed
 from .scheduler import Scheduler
 from .sequence import Request, Result, Row
 from .stops import completes_stop
@@ -30,10 +31,11 @@ class Engine:
     `exchange`: how a step reaches the members that run elsewhere (default: nowhere)."""
 
     def __init__(self, members, fuser, max_batch: int = 8, lanes: dict[int, Lane] | None = None,
-                 exchange=LOCAL):
+                 exchange=LOCAL, seed: int = 0):
         self.members = members
         self.fuser = fuser
         self.exchange = exchange
+        self.seed = seed   # a request without its own seed draws from (seed, its id)
         self.scheduler = Scheduler(max_batch)
         self.lanes = lanes if lanes is not None else {i: Lane(m) for i, m in enumerate(members)}
         self.main = members[0].tokenizer
@@ -103,7 +105,8 @@ class Engine:
             slot = free[0] if free else len(self.slots)
             if not free:
                 self.slots.append(None)
-            self.slots[slot] = Row(request)
+            own = request.sampling.seed
+            self.slots[slot] = Row(request, seed=own if own is not None else stable_seed(self.seed, request.id))
             placed.append((slot, request))
         if placed:
             for lane in self.lanes.values():
@@ -115,14 +118,33 @@ class Engine:
         rows = [self.slots[i] for i in active]
         logits = {i: lane.logits[active] for i, lane in self.lanes.items()} if self.exchange.leads else {}
         skip = self._timed("rules", self.skip_mask, rows, logits[0]) if 0 in logits else None
-        result = self.fuser.step(logits, skip, exchange=self.exchange, batch=len(active))
+        result = self.fuser.step(logits, skip, exchange=self.exchange, batch=len(active),
+                                 sampler=self.sampler(rows))
         self.steps += 1
         # the one transfer to the host per step: the chosen ids and whether each row was fused
         tokens, fused = torch.stack([result.tokens, result.fused.long()]).tolist()
         self.count(fused, result.stats.get("neglected_mass"))
+        if result.logprobs is not None:
+            self.note_logprobs(rows, tokens, result.logprobs)
         finished, keep_slots, texts = self.commit(active, tokens, fused)
         self.advance(keep_slots, texts)
         return finished
+
+    def sampler(self, rows: list[Row]) -> Sampler | None:
+        """None while every row decodes greedily without log-probabilities (the fuser's tokens)."""
+        if all(r.request.sampling is GREEDY or r.request.sampling == GREEDY for r in rows):
+            return None
+        return Sampler([r.request.sampling for r in rows], [r.seed for r in rows], [len(r.ids) for r in rows])
+
+    def note_logprobs(self, rows: list[Row], tokens: list[int], records: list):
+        """Each row's log-probability record for this step's token (root only: the tokens'
+        decider), with the tokens as text."""
+        piece = lambda t: self.main.decode([t])  # noqa: E731
+        for row, token, rec in zip(rows, tokens, records):
+            if rec is not None and token != self.eos:
+                row.logprobs.append({"token": token, "text": piece(token), "logprob": rec["logprob"],
+                                     "main_logprob": rec["main_logprob"],
+                                     "top": [{"token": t, "text": piece(t), "logprob": v} for t, v in rec["top"]]})
 
     def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor | None:
         """Rows where the main model's own token would complete a stop string: no fusion.
@@ -193,7 +215,8 @@ class Engine:
                 full, head = m.tokenizer([prefix + row.text, prefix])["input_ids"]
                 counts[m.name] = len(full) - len(head)
         return Result(row.request, row.text, row.ids, finish, counts, row.fused_steps,
-                      row.first_token - row.admitted)
+                      row.first_token - row.admitted,
+                      row.logprobs if row.request.sampling.logprobs is not None else None)
 
     def drop_free_slots(self):
         """No prompt is waiting: free slots would only compute padding. Drop them."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .sampling import GREEDY, SamplingParams
+
 
 @dataclass
 class Request:
@@ -12,15 +14,16 @@ class Request:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)   # carried through to the result record
+    sampling: SamplingParams = GREEDY
 
     def pack(self) -> list:
         """For a control message (msgpack)."""
-        return [self.id, self.prompt, self.max_new_tokens, list(self.stop), self.extra]
+        return [self.id, self.prompt, self.max_new_tokens, list(self.stop), self.extra, self.sampling.pack()]
 
     @classmethod
     def unpack(cls, data: list) -> "Request":
-        i, prompt, n, stop, extra = data
-        return cls(i, prompt, n, tuple(stop), extra)
+        i, prompt, n, stop, extra, sampling = data
+        return cls(i, prompt, n, tuple(stop), extra, SamplingParams(**sampling))
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Row:
     fused_steps: int = 0
     admitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    seed: int = 0                     # the draws' seed (engine/sampling.py)
+    logprobs: list = field(default_factory=list)   # per emitted token, when asked for
 
 
 @dataclass
@@ -43,9 +48,11 @@ class Result:
     member_tokens: dict[str, int]
     fused_steps: int
     first_token_s: float | None = None  # from admission to the first committed token
+    logprobs: list | None = None      # per token: {"token", "text", "logprob", "main_logprob", "top"}
 
     def record(self) -> dict:
         """The JSON line of a result (the request's extra fields first)."""
         return {**self.request.extra, "id": self.request.id, "completion": self.text,
                 "tokens": len(self.ids), "finish_reason": self.finish,
-                "member_tokens": self.member_tokens, "fused_steps": self.fused_steps}
+                "member_tokens": self.member_tokens, "fused_steps": self.fused_steps,
+                **({"logprobs": self.logprobs} if self.logprobs is not None else {})}

@@ -1,8 +1,10 @@
 """JSON-lines in, JSON-lines out, for batch jobs that must survive interruption.
 
 Input: one object per line, `{"id": ..., "prompt": "..."}` plus optional `max_new_tokens`,
-`stop` (a string or a list of strings) and any other fields, which are carried through to the
-result. The whole input is read and checked before any work starts, so a malformed line stops
+`stop` (a string or a list of strings), the sampling fields `temperature`, `top_p`, `top_k`,
+`seed`, `n` and `logprobs` (engine/sampling.py; each overrides the job's option), and any other
+fields, which are carried through to the result. A request with `n` > 1 becomes n requests with
+ids `<id>#<k>` (k = 0..n-1, also in the field `sample`), each with its own seed. The whole input is read and checked before any work starts, so a malformed line stops
 the job (naming its line number) before anything is computed, or is skipped with `skip_bad`.
 
 Output: one result per line, appended the moment its row finishes, with a single write of the
@@ -15,16 +17,19 @@ import json
 import os
 from pathlib import Path
 
+from ..engine.sampling import GREEDY, SamplingParams, stable_seed
 from ..engine.sequence import Request
 
-RESERVED = ("id", "prompt", "max_new_tokens", "stop")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "n", "logprobs")
+RESERVED = ("id", "prompt", "max_new_tokens", "stop", *SAMPLING_FIELDS)
 
 
 class InputError(ValueError):
     pass
 
 
-def parse_request(obj, where: str, default_max: int, default_stop: tuple[str, ...]) -> Request:
+def parse_request(obj, where: str, default_max: int, default_stop: tuple[str, ...],
+                  sampling: SamplingParams = GREEDY) -> Request:
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
@@ -42,7 +47,30 @@ def parse_request(obj, where: str, default_max: int, default_stop: tuple[str, ..
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise InputError(f"{where}: field 'stop' must be a non-empty string or a list of them")
     extra = {k: v for k, v in obj.items() if k not in RESERVED}
-    return Request(obj["id"], prompt, max_new, tuple(stop), extra)
+    own = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+    if own:
+        try:
+            sampling = SamplingParams(**{**sampling.pack(), **own}).check()
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
+    return Request(obj["id"], prompt, max_new, tuple(stop), extra, sampling)
+
+
+def expand_samples(request: Request, job_seed: int = 0) -> list[Request]:
+    """A sampled request with its seed made concrete (its own, or from the job's seed and its
+    id); with n > 1, n requests, ids <id>#<k>, each seeded from that seed and k. A sample is then
+    the same whatever else runs with it, and after a resume."""
+    params = request.sampling
+    if params.greedy:
+        return [request]
+    base = params.seed if params.seed is not None else stable_seed(job_seed, request.id)
+    if params.n == 1:
+        return [Request(request.id, request.prompt, request.max_new_tokens, request.stop, request.extra,
+                        SamplingParams(**{**params.pack(), "seed": base}))]
+    return [Request(f"{request.id}#{k}", request.prompt, request.max_new_tokens, request.stop,
+                    {**request.extra, "sample": k},
+                    SamplingParams(**{**params.pack(), "n": 1, "seed": stable_seed(base, k)}))
+            for k in range(params.n)]
 
 
 def read_jsonl(path: str | Path, numbered: bool = False) -> list:
@@ -63,7 +91,8 @@ def read_jsonl(path: str | Path, numbered: bool = False) -> list:
 
 
 def read_requests(path: str | Path, default_max: int = 64, default_stop: tuple[str, ...] = (),
-                  skip_bad: bool = False, warn=print) -> list[Request]:
+                  skip_bad: bool = False, warn=print, sampling: SamplingParams = GREEDY,
+                  seed: int = 0) -> list[Request]:
     requests, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -75,7 +104,7 @@ def read_requests(path: str | Path, default_max: int = 64, default_stop: tuple[s
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                request = parse_request(obj, where, default_max, default_stop)
+                request = parse_request(obj, where, default_max, default_stop, sampling)
                 if request.id in seen:
                     raise InputError(f"{where}: duplicate id {request.id!r} (first on line {seen[request.id]})")
             except InputError as e:
@@ -84,7 +113,7 @@ def read_requests(path: str | Path, default_max: int = 64, default_stop: tuple[s
                 warn(f"skipped: {e}")
                 continue
             seen[request.id] = number
-            requests.append(request)
+            requests.extend(expand_samples(request, seed))
     return requests
 
 
@@ -111,13 +140,14 @@ def finished_ids(path: str | Path) -> set:
 
 
 def pending_requests(input_path, output_path, resume: bool, overwrite: bool, default_max: int = 64,
-                     default_stop: tuple[str, ...] = (), skip_bad: bool = False, warn=print):
+                     default_stop: tuple[str, ...] = (), skip_bad: bool = False, warn=print,
+                     sampling: SamplingParams = GREEDY, seed: int = 0):
     """A generate job's work: every request of `input_path` (checked before anything runs) less
     the ids `output_path` already holds with `resume`. An existing output is never replaced
     silently. Returns (requests to run, number already done)."""
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other")
-    requests = read_requests(input_path, default_max, default_stop, skip_bad, warn)
+    requests = read_requests(input_path, default_max, default_stop, skip_bad, warn, sampling, seed)
     if Path(output_path).exists() and not (resume or overwrite):
         raise FileExistsError(f"{output_path} exists: pass --resume to finish it, or --overwrite to replace it")
     done = finished_ids(output_path) if resume else set()
