@@ -12,7 +12,7 @@ import click
 from runtime.members.config import load_config
 from runtime.members.devices import pick_device
 
-from .common import Command, Group, echo_err
+from .common import Command, Group, echo_err, sampling_from
 
 device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUDA if present)")
 
@@ -30,9 +30,14 @@ device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUD
 @click.option("--reference-tokens", default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the JSON here")
 @click.option("--plots", type=click.Path(file_okay=False), help="write throughput.png and breakdown.png here")
+@click.option("--temperature", default=0.0, show_default=True,
+              help="time a sampled run (every series draws at this temperature; 0: greedy)")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--logprobs", type=int, default=None, help="also report N alternatives' log-probabilities")
 @device_option
 def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, reference_prompts,
-                  reference_tokens, output, plots, device):
+                  reference_tokens, output, plots, temperature, top_p, top_k, logprobs, device):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
     from one run, with the share of step time in each part (min/median/max over --repeat)."""
     from runtime.bench.bench import bench, bench_prompts, exact_fuser_if_it_fits, plot, table
@@ -43,10 +48,12 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
     entry = anchors_entry(cfg, members, log=echo_err)
     fuser = make_fuser(cfg, members, entry)
     exact = exact_fuser_if_it_fits(cfg, members, entry, log=echo_err) if "exact" in compare else None
+    sampling = sampling_from(temperature, top_p, top_k, 1, logprobs)
     result = bench(members, fuser, bench_prompts(prompts_path), [int(b) for b in batch.split(",")], new_tokens,
                    repeat, tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
-                   log=echo_err, exact_fuser=exact)
-    result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1)})
+                   log=echo_err, exact_fuser=exact, sampling=sampling)
+    result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1),
+                   "sampling": sampling.pack()})
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
     click.echo(table(result))

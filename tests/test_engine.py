@@ -145,3 +145,7 @@ def test_bench_interleaves_series_and_decodes_what_the_engine_decodes(tiny):
         {k: counts[k] for k in ("rows", "fused_rows", "decided_rows")} and counts["rows"] > 0
     text = table(out)
     assert "nan" not in text and text.splitlines()[2].endswith("| – |")  # no reference loop run
+    from runtime.engine.sampling import SamplingParams
+    sampled = bench(members, fuser, PROMPTS[:3], [2], new_tokens=3, repeat=1, compare=(), log=lambda *a: None,
+                    sampling=SamplingParams(temperature=1.0))
+    assert sampled["batches"][0]["ensemble"]["fused_rows"] == sampled["batches"][0]["ensemble"]["rows"] > 0

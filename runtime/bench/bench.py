@@ -10,6 +10,7 @@ import time
 
 from ..engine.engine import Engine
 from ..engine.reference import reference_decode
+from ..engine.sampling import GREEDY, SamplingParams, stable_seed
 from ..engine.sequence import Request
 from ..members.ensemble import single_fuser
 
@@ -48,11 +49,13 @@ ROW_COUNTS = ("rows", "fused_rows", "decided_rows", "agreeing_rows")
 FUSION_PARTS = ("rules", "relative", "search")   # the fusion itself (one process: no gather)
 
 
-def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int) -> dict:
+def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int, sampling=GREEDY) -> dict:
     if hasattr(fuser, "seconds"):
         fuser.seconds.clear()
     engine = Engine(members, fuser, max_batch=batch)
-    requests = [Request(i, p, new_tokens) for i, p in enumerate(prompts)]
+    requests = [Request(i, p, new_tokens, sampling=sampling if sampling.greedy else
+                        SamplingParams(**{**sampling.pack(), "seed": stable_seed("bench", i)}))
+                for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
     results = engine.run(requests)
     seconds = time.perf_counter() - t0
@@ -75,8 +78,9 @@ def run_reference(members, fuser, prompts: list[str], new_tokens: int) -> dict:
 
 def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: int, repeat: int,
           compare: tuple[str, ...] = ("members", "reference"), reference_prompts: int = 2,
-          reference_tokens: int = 8, log=print, exact_fuser=None) -> dict:
-    """Each batch size B decodes B prompts (all in flight at once) for `new_tokens` tokens."""
+          reference_tokens: int = 8, log=print, exact_fuser=None, sampling=GREEDY) -> dict:
+    """Each batch size B decodes B prompts (all in flight at once) for `new_tokens` tokens
+    (`sampling`: every series draws with these settings, seeded per prompt)."""
     log("warm-up")
     run_engine(members, fuser, prompts[:2], 2, 2)
     out = {"new_tokens": new_tokens, "repeat": repeat, "batches": []}
@@ -91,7 +95,7 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
         for r in range(repeat):
             for name, (group, f) in series.items():
                 log(f"batch {batch}: {name}{'' if name == 'ensemble' else ' alone'} {r + 1}/{repeat}")
-                runs[name].append(run_engine(group, f, chosen, batch, new_tokens))
+                runs[name].append(run_engine(group, f, chosen, batch, new_tokens, sampling))
         row = {"batch": batch, "ensemble": _summary(runs.pop("ensemble"))}
         if runs:
             row["members"] = {name: _summary(v) for name, v in runs.items()}
