@@ -186,6 +186,8 @@ def test_choice_scores_fast_full_support_equal_exact(tiny):
     exact = make_fuser(cfg, members, entry, "exact").step(logits, include=include)
     fast = make_fuser(cfg, members, entry, "fast")
     fast.fast = FastSettings(mass_epsilon=0.0, max_support=logits[0].shape[1])
+    for t in fast.transfers:   # the authors' fp32 rows of P (row_product "auto" may pick bf16)
+        t.use_product(torch.float32)
     got = fast.step(logits, include=include)
     torch.testing.assert_close(got.include_logits, exact.include_logits, rtol=1e-3, atol=1e-3)
     assert torch.equal(got.tokens, exact.tokens)
@@ -366,3 +368,8 @@ def test_mined_decodes_through_the_engine(tiny):
         [Request(i, p, 6, ("\n",)) for i, p in enumerate(["the cat", "日本 code", "a dog likes"])])
     assert sorted(r.request.id for r in results) == [0, 1, 2]
     assert all(r.fused_steps > 0 and all(t < len(members[0].tokenizer) for t in r.ids) for r in results)
+    from runtime.engine.sampling import SamplingParams
+    sampled = Engine(members, MinEDFuser(maps, [1 / 3] * 3), 2).run(
+        [Request(i, p, 6, sampling=SamplingParams(temperature=1.0, seed=i, logprobs=0))
+         for i, p in enumerate(["the cat", "日本 code", "a dog likes"])])
+    assert all(len(r.logprobs) == len(r.ids) > 0 for r in sampled)

@@ -33,7 +33,8 @@ class ComparingFuser:
         self.skipped += int((~result.fused).sum())
         if self.capture is not None:
             from safetensors.torch import save_file
-            tensors = {f"logits.{i}": l.contiguous() for i, l in enumerate(logits)}
+            items = logits.items() if isinstance(logits, dict) else enumerate(logits)
+            tensors = {f"logits.{i}": l.contiguous() for i, l in items}
             tensors.update({"tokens": result.tokens, "fused": result.fused.to(torch.uint8)})
             save_file(tensors, str(Path(self.capture) / f"step{self.steps:05d}.safetensors"))
         self.steps += 1

@@ -93,8 +93,10 @@ class MinEDFuser:
             out.index_add_(1, mapping[:n][valid], w * p[:, :n][:, valid])
         return out
 
-    def step(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None) -> StepResult:
-        """`Fuser.step`'s contract, in one process only (every member's logits here)."""
+    def step(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
+             sampler=None) -> StepResult:
+        """`Fuser.step`'s contract, in one process only (every member's logits here); a sampler
+        draws from minED's combined distribution."""
         if exchange is not LOCAL:
             raise ValueError("minED runs in one process: it needs every member's full distribution")
         if isinstance(member_logits, dict):  # the engine's {member index: logits}
@@ -104,8 +106,11 @@ class MinEDFuser:
         log_p = self.probs(member_logits).clamp_min(1e-30).log()
         # a row whose main-model token completes a stop string keeps it, as in DEEPEN
         log_p[~fuse] = member_logits[0][~fuse].float()
-        return StepResult(log_p.argmax(-1), fuse, None, log_p, {},
-                          None if include is None else log_p[:, include])
+        result = StepResult(log_p.argmax(-1), fuse, None, log_p, {},
+                            None if include is None else log_p[:, include])
+        if sampler is not None and sampler.needs_logits:
+            result.tokens, result.logprobs = sampler(log_p, member_logits[0], result.tokens)
+        return result
 
 
 # ---- answer-level combiners --------------------------------------------------------------------
