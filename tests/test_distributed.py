@@ -246,6 +246,49 @@ def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
     assert records(out_path) == records(want)
 
 
+def test_two_replicas_give_the_single_process_results_and_a_killed_replica_resumes(home, tmp_path):
+    """4 ranks x the 2-member pair = 2 replicas sharing one queue and one output file: the greedy
+    results of one process, with both replicas decoding; then rank 3 (replica 1) is killed
+    mid-job: every rank stops, the lines written stay whole, and --resume writes each missing id
+    exactly once."""
+    config = str(home / "pair-fast.toml")
+    inp = tmp_path / "in.jsonl"
+    prompts(inp, 24, tokens=12)
+    want = tmp_path / "want.jsonl"
+    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
+                    "--output", str(want), "--batch", "2"], cwd=ROOT, env=env(home), check=True, capture_output=True)
+    out_path, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    args = ["launcher/run.py", "--config", config, "--input", str(inp), "--output", str(out_path), "--batch", "2"]
+    proc = launch(home, 4, *args, "--stats", str(stats))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert records(out_path) == records(want) and len(read_jsonl(out_path)) == 24
+    assert "by the 1 others" in out
+    assert json.loads(Path(f"{stats}.rank2").read_text())["tokens"] > 0   # replica 1's root decoded
+    assert json.loads(stats.read_text())["tokens"] > 0
+
+    out_path.unlink()
+    proc = launch(home, 4, *args)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out_path.exists() or out_path.read_text().count('\n') < 4):
+        time.sleep(0.05)
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if any(a == "--local_rank=3" for a in p.cmdline())]
+    assert victims, "rank 3 not found"
+    victims[0].send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rank 3 (member 'tiny-bpe', leader, replica 1)" in out, out[-3000:]
+    done = read_jsonl(out_path)   # every line whole
+    assert 4 <= len(done) < 24 and len({r["id"] for r in done}) == len(done)
+    proc = launch(home, 4, *args, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    lines = read_jsonl(out_path)
+    assert len(lines) == 24 and len({r["id"] for r in lines}) == 24
+    assert records(out_path) == records(want)
+
+
 def test_a_rank_stuck_inside_a_step_stops_every_rank_within_the_step_timeout(home, tmp_path):
     """Rank 1 sleeps inside its 4th step (alive: its heartbeat beats on; DEEPEN_FAULT is the test
     hook for this, runtime/distributed/job.py). Every rank stops within the step timeout and

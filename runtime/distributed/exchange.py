@@ -8,7 +8,8 @@ Per step, in order (B = rows in the batch, |A| = anchors):
   rows      the main leader's fuse mask (B bytes), broadcast over the leaders' group
   gather    each leader's relative vectors for the fused rows + fast mode's neglected mass,
             (F x (|A| + 1)) fp32, gathered to the main leader
-  tokens    the chosen tokens and fused flags (2 x B int64), broadcast from rank 0 to every rank
+  tokens    the chosen tokens and fused flags (2 x B int64), broadcast from the root to every rank
+With replicas, all of this stays inside one replica: its root (main leader) plays rank 0's part.
 Ranks of a tensor-parallel member that are not its leader take part in control and tokens only.
 The control bytes are CPU tensors (gloo); the rest stays on the rank's device (NCCL on GPUs).
 """
@@ -23,17 +24,18 @@ from ..engine.scheduler import Plan
 from ..engine.sequence import Request
 
 
-def broadcast_message(message: dict | None, src: int = 0) -> dict:
-    """msgpack bytes in a uint8 tensor: the length first, then the bytes (never pickle)."""
+def broadcast_message(message: dict | None, src: int = 0, group=None) -> dict:
+    """msgpack bytes in a uint8 tensor: the length first, then the bytes (never pickle).
+    `src` is a global rank; `group` (default: the world) must hold it."""
     if dist.get_rank() == src:
         payload = msgpack.packb(message, use_bin_type=True)
         size = torch.tensor([len(payload)], dtype=torch.long)
     else:
         size = torch.zeros(1, dtype=torch.long)
-    dist.broadcast(size, src)
+    dist.broadcast(size, src, group=group)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if dist.get_rank() == src \
         else torch.empty(int(size), dtype=torch.uint8)
-    dist.broadcast(data, src)
+    dist.broadcast(data, src, group=group)
     return msgpack.unpackb(data.numpy().tobytes(), raw=False)
 
 
@@ -57,7 +59,9 @@ class GroupExchange:
         self.world = world
         self.device = world.device
         self.enter = enter or (lambda phase: None)  # the heartbeat: which collective we wait in
-        self.is_root = world.rank == 0
+        self.root = world.layout.root      # the replica's main leader (rank 0 with one replica)
+        self.group = world.replica_group   # the replica's ranks (None: the world)
+        self.is_root = world.rank == self.root
         self.leads = world.is_leader
         self.is_main = world.member == 0 and world.is_leader
         self.gathered_bytes = 0      # relative vectors received by the main leader, over the run
@@ -69,12 +73,12 @@ class GroupExchange:
         self.enter("plan")
         quiet = plan is not None and not plan.admit and not plan.drop and not plan.done
         flag = torch.tensor([0 if quiet else 1], dtype=torch.uint8)
-        dist.broadcast(flag, 0)
+        dist.broadcast(flag, self.root, group=self.group)
         if not int(flag):
             return plan if plan is not None else Plan([], False, False)
         message = None if plan is None else {"admit": [r.pack() for r in plan.admit], "drop": plan.drop,
                                              "done": plan.done}
-        message = broadcast_message(message)
+        message = broadcast_message(message, self.root, self.group)
         return Plan([Request.unpack(r) for r in message["admit"]], message["drop"], message["done"])
 
     def share_rows(self, fuse: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -83,7 +87,7 @@ class GroupExchange:
             return fuse
         self.enter("rows")
         mask = fuse.to(torch.uint8) if fuse is not None else torch.empty(batch, dtype=torch.uint8, device=self.device)
-        dist.broadcast(mask, 0, group=self.world.leaders_group)
+        dist.broadcast(mask, self.root, group=self.world.leaders_group)
         return mask.bool()
 
     def collect_keys(self, keys: dict, batch: int) -> list | None:
@@ -94,7 +98,7 @@ class GroupExchange:
             return [mine]
         self.enter("keys")
         received = [torch.empty_like(mine) for _ in leaders] if self.is_main else None
-        dist.gather(mine.contiguous(), received, dst=0, group=self.world.leaders_group)
+        dist.gather(mine.contiguous(), received, dst=self.root, group=self.world.leaders_group)
         return received
 
     def collect(self, parts: dict) -> list | None:
@@ -108,7 +112,7 @@ class GroupExchange:
         else:
             self.enter("gather")
             received = [torch.empty_like(mine) for _ in leaders] if self.is_main else None
-            dist.gather(mine.contiguous(), received, dst=0, group=self.world.leaders_group)
+            dist.gather(mine.contiguous(), received, dst=self.root, group=self.world.leaders_group)
         if not self.is_main:
             return None
         self.gathered_bytes += sum(t.numel() * t.element_size() for t in received)
@@ -121,7 +125,7 @@ class GroupExchange:
         self.enter("tokens")
         both = torch.stack([result.tokens, result.fused.long()]) if self.is_root \
             else torch.empty(2, batch, dtype=torch.long, device=self.device)
-        dist.broadcast(both, 0)
+        dist.broadcast(both, self.root, group=self.group)
         if self.is_root:
             return result
         return StepResult(both[0], both[1].bool(), None)

@@ -74,7 +74,8 @@ class Heartbeat:
             return ""
         with self.lock:
             at = {self.world.rank: self.position}
-            for rank in range(self.world.layout.world_size):
+            layout = self.world.layout   # this replica's ranks: replicas step independently
+            for rank in range(layout.root, layout.root + layout.size):
                 key = f"deepen/at/{rank}"
                 if rank != self.world.rank and self.store.check([key]):
                     at[rank] = int(self.store.get(key))
@@ -88,6 +89,10 @@ class Heartbeat:
                 f"'{self.PHASES[low % len(self.PHASES)]}'")
 
     def close(self):
+        """This rank is done (not dead: a replica that drained the queue stops beating while
+        the others finish their rows)."""
+        with self.lock:
+            self.store.set(f"deepen/done/{self.world.rank}", "1")
         self.stop.set()
         self.thread.join(timeout=5 * self.every + 1)
 
@@ -97,7 +102,7 @@ class Heartbeat:
             names = []
             for rank in range(self.world.layout.world_size):
                 key = f"deepen/beat/{rank}"
-                if rank == self.world.rank or not self.store.check([key]):
+                if rank == self.world.rank or not self.store.check([key]) or self.store.check([f"deepen/done/{rank}"]):
                     continue
                 value = int(self.store.get(key))
                 last, since = self.seen.get(rank, (None, now))

@@ -26,6 +26,7 @@ from ..members.ensemble import anchors_entry, load_members, make_fuser
 from ..members.sources import load_model
 from .exchange import GroupExchange, broadcast_message, gather_messages
 from .heartbeat import Heartbeat
+from .replicas import ResultRelay, SharedQueue
 from .loading import load_shard
 from .world import global_rank, init_world, layout_for, shard_member, threads_per_rank
 
@@ -96,12 +97,12 @@ class Rank:
     def load(self):
         """This rank's member, sharded over its group, and (leaders) its relative transfer. A
         rank reads only what it runs: its own member's weights, the main member's tokenizer (to
-        decode) and its own; rank 0 also reads every tokenizer (the results count each member's
-        tokens) and keys the anchors, whose entry it sends to everyone."""
+        decode) and its own; a replica's root also reads every tokenizer (the results count each
+        member's tokens) and keys the anchors, whose entry it sends to everyone."""
         w = self.world
         n = len(self.layout.names)
         members = load_members(self.cfg, with_models=False, log=lambda m: None, device=w.device,
-                               only=set(range(n)) if w.rank == 0 else {0, w.member}, fingerprints=w.rank == 0)
+                               only=set(range(n)) if w.rank == w.layout.root else {0, w.member}, fingerprints=w.rank == 0)
         mine = members[w.member]
         dtype = getattr(torch, mine.config.dtype)
         if mine.config.loading == "sharded" and not mine.config.allow_pickle:
@@ -182,24 +183,52 @@ def generate(config_path, input_path, output_path, resume=False, overwrite=False
                 verdict = {"error": None}
             except (ValueError, OSError) as e:
                 verdict = {"error": str(e)}
+        replicas = rank.world.layout.replicas
+        queue = relay = None
+        if replicas > 1:
+            queue = SharedQueue(rank.heartbeat.store, rank.heartbeat.lock)
+            relay = ResultRelay(rank.heartbeat.store, rank.heartbeat.lock)
+            if rank.world.rank == 0 and verdict["error"] is None:
+                queue.publish(requests)   # before the verdict: every root can claim after it
         verdict = broadcast_message(verdict)
         if verdict["error"]:
             die("error", verdict["error"], 2)
         engine = rank.engine(*rank.load(), batch)
         writer = ResultWriter(output_path, append=resume) if rank.world.rank == 0 else None
-        tokens = 0
+        tokens, relayed = 0, 0
+
+        def write(record: dict):
+            nonlocal tokens
+            writer.write(record)
+            tokens += record["tokens"]
 
         def on_result(result):
             nonlocal tokens
-            writer.write(result.record())
-            tokens += len(result.ids)
+            if writer is not None:
+                write(result.record())
+            else:                       # another replica's root: to rank 0
+                relay.send(result.record())
+                tokens += len(result.ids)
+
+        def collect():
+            nonlocal relayed
+            for record in relay.receive():
+                write(record)
+                relayed += 1
 
         t0 = time.perf_counter()
-        engine.run(requests or [], on_result)
+        if replicas == 1:
+            engine.run(requests or [], on_result)
+        else:
+            engine.run([], on_result, source=queue.take, tick=collect if writer is not None else None)
+            while writer is not None and writer.count < len(requests):   # the other replicas' last rows
+                collect()
+                time.sleep(0.05)
         seconds = time.perf_counter() - t0
         if writer is not None:
             writer.close()
-            print(f"{writer.count} results -> {output_path}; {tokens} tokens in {seconds:.1f} s "
+            by = f" ({writer.count - relayed} by replica 0, {relayed} by the {replicas - 1} others)" if replicas > 1 else ""
+            print(f"{writer.count} results{by} -> {output_path}; {tokens} tokens in {seconds:.1f} s "
                   f"({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
         if stats:  # rank 0 at the path given, rank r beside it with a suffix
             path = Path(stats) if rank.world.rank == 0 else Path(f"{stats}.rank{rank.world.rank}")
@@ -214,6 +243,9 @@ def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, 
     from ..bench.ranks import rank_run, rank_table, summarize_ranks
     rank = Rank(config_path, startup_timeout, step_timeout, threads)
     with rank.guard():
+        if rank.world.layout.replicas > 1:
+            die(rank.world.describe, f"bench runs one replica: start {rank.world.layout.size} ranks, not "
+                                     f"{rank.world.layout.world_size}", 2)
         members, fuser = rank.load()
         prompts = bench_prompts(prompts_path) if rank.world.rank == 0 else None
         prompts = broadcast_message({"prompts": prompts})["prompts"]

@@ -26,24 +26,47 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
+    """One replica's ranks per member (global ranks); a world of k x `size` ranks runs k
+    independent replicas of the ensemble, replica r on ranks r*size .. (r+1)*size - 1."""
     names: tuple[str, ...]        # main first
     ranks: tuple[tuple[int, ...], ...]
+    replica: int = 0
+    replicas: int = 1
+
+    @property
+    def size(self) -> int:
+        """Ranks of one replica."""
+        return sum(len(r) for r in self.ranks)
 
     @property
     def world_size(self) -> int:
-        return sum(len(r) for r in self.ranks)
+        return self.size * self.replicas
 
     @property
     def leaders(self) -> list[int]:
         return [r[0] for r in self.ranks]
 
+    @property
+    def root(self) -> int:
+        """The replica's main leader: it schedules, fuses and decides the replica's tokens."""
+        return self.ranks[0][0]
+
+    def for_replica(self, replica: int, replicas: int | None = None) -> "Layout":
+        shift = (replica - self.replica) * self.size
+        return Layout(self.names, tuple(tuple(r + shift for r in rs) for rs in self.ranks), replica,
+                      self.replicas if replicas is None else replicas)
+
     def member_of(self, rank: int) -> int:
-        return next(i for i, ranks in enumerate(self.ranks) if rank in ranks)
+        """The member index of a rank of any replica."""
+        local, start = rank % self.size, self.ranks[0][0]
+        return next(i for i, ranks in enumerate(self.ranks) if local in (r - start for r in ranks))
 
     def describe(self, rank: int) -> str:
         i = self.member_of(rank)
-        role = "leader" if rank == self.ranks[i][0] else f"tp rank {self.ranks[i].index(rank)}"
-        return f"rank {rank} (member {self.names[i]!r}, {role})"
+        local = [r - self.ranks[0][0] for r in self.ranks[i]]
+        role = "leader" if rank % self.size == local[0] else f"tp rank {local.index(rank % self.size)}"
+        where = f", replica {rank // self.size}" if self.replicas > 1 else ""
+        return f"rank {rank} (member {self.names[i]!r}, {role}{where})"
 
 
 def local_world_size() -> int:
@@ -80,11 +103,13 @@ def layout_for(config) -> Layout:
     return Layout(tuple(names), tuple(ranks))
 
 
-def check_world(layout: Layout, world_size: int):
-    if world_size != layout.world_size:
+def check_world(layout: Layout, world_size: int) -> int:
+    """The number of replicas: the world must be a multiple of the ensemble's ranks."""
+    if world_size < layout.size or world_size % layout.size:
         sizes = " + ".join(f"{n} tp_size {len(r)}" for n, r in zip(layout.names, layout.ranks))
         raise LayoutError(f"the world has {world_size} ranks but the config needs "
-                          f"{layout.world_size} ({sizes}, main first)")
+                          f"{layout.size} ({sizes}, main first), or a multiple of it (replicas)")
+    return world_size // layout.size
 
 
 def disable_shm_allreduce():
@@ -121,6 +146,7 @@ class World:
     member_groups: list
     leaders_group: object
     device: torch.device
+    replica_group: object = None  # this replica's ranks (None: the whole world, one replica)
 
     @property
     def is_leader(self) -> bool:
@@ -169,12 +195,20 @@ def init_world(layout: Layout, timeout_s: float) -> World:
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    check_world(layout, dist.get_world_size())
+    replicas = check_world(layout, dist.get_world_size())
     rank = dist.get_rank()
-    # new_group does not inherit the world's timeout: give it to every group
-    member_groups = [dist.new_group(list(r), timeout=timeout) for r in layout.ranks]
-    leaders_group = dist.new_group(layout.leaders, timeout=timeout)
-    return World(layout, rank, layout.member_of(rank), member_groups, leaders_group, device)
+    # every rank creates every replica's groups, in the same order; new_group does not inherit
+    # the world's timeout: give it to every group
+    mine = None
+    for r in range(replicas):
+        rl = layout.for_replica(r, replicas)
+        member_groups = [dist.new_group(list(ranks), timeout=timeout) for ranks in rl.ranks]
+        leaders_group = dist.new_group(rl.leaders, timeout=timeout)
+        replica_group = dist.new_group(list(range(rl.root, rl.root + rl.size)), timeout=timeout) \
+            if replicas > 1 else None
+        if rank // layout.size == r:
+            mine = World(rl, rank, rl.member_of(rank), member_groups, leaders_group, device, replica_group)
+    return mine
 
 
 def shard_member(model, world: World, dtype: torch.dtype):

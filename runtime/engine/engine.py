@@ -76,14 +76,18 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------
 
-    def run(self, requests=(), on_result=None) -> list[Result]:
+    def run(self, requests=(), on_result=None, source=None, tick=None) -> list[Result]:
         """Decode every request; `on_result` sees each result as soon as its row finishes. Under
-        the launcher every rank calls this; only the root's `requests` count, and only the root
-        gets results."""
+        the launcher every rank calls this; only the root's `requests` (and `source`: more from
+        a queue shared between replicas) count, and only the root gets results. `tick()` runs on
+        the root before every step."""
         if self.exchange.is_root:
             self.scheduler.add(requests)
+            self.scheduler.source = source
         results = []
         while True:
+            if tick is not None and self.exchange.is_root:
+                tick()
             plan = self.scheduler.plan(self.slots) if self.exchange.is_root else None
             plan = self._timed("control", self.exchange.share_plan, plan)
             if plan.done:

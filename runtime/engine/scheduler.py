@@ -18,17 +18,23 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int):
+    """`source(n)`: up to n more requests from a queue shared with other replicas, asked only
+    when slots are free (an empty answer means the queue is drained)."""
+
+    def __init__(self, max_batch: int, source=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
         self.waiting: deque[Request] = deque()
+        self.source = source
 
     def add(self, requests):
         self.waiting.extend(requests)
 
     def plan(self, slots: list) -> Plan:
         free = sum(r is None for r in slots) + self.max_batch - len(slots)
+        if self.source is not None and len(self.waiting) < free:
+            self.waiting.extend(self.source(free - len(self.waiting)))
         take = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         running = any(r is not None for r in slots)
         free_after = free - len(take) > self.max_batch - len(slots)  # a slot that exists stays free
