@@ -93,13 +93,17 @@ def anchors_build(config, as_json, device):
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="ensemble TOML")
 @click.option("--hostfile", type=click.Path(dir_okay=False, exists=True),
               help="DeepSpeed hostfile ('host slots=N' per line); default: one host with enough slots")
-def layout(config, hostfile):
-    """Where each rank of CONFIG runs: member, role, host and slot (the weights need not be on this
-    machine). Exit status 2 if the hostfile is too small or a member's group straddles hosts."""
+@click.option("--replicas", default=1, show_default=True,
+              help="data-parallel replicas of the ensemble (the world: replicas x the config's ranks)")
+def layout(config, hostfile, replicas):
+    """Where each rank of CONFIG runs: replica, member, role, host and slot (the weights need not
+    be on this machine). Exit status 2 if the hostfile is too small or a member's group straddles hosts."""
     from runtime.distributed.hostfile import describe_placement, place, read_hostfile
     from runtime.distributed.world import layout_for
+    if replicas < 1:
+        fail(f"--replicas must be >= 1, got {replicas}")
     cfg = load_config(config, check_sources=False)
-    plan = layout_for(cfg)
+    plan = layout_for(cfg).for_replica(0, replicas)
     hosts = read_hostfile(hostfile) if hostfile else [("localhost", plan.world_size)]
     click.echo(describe_placement(plan, place(plan, hosts)))
     click.echo(f"\nworld size {plan.world_size}: `deepspeed {'--hostfile ' + hostfile if hostfile else f'--num_gpus {plan.world_size}'} "

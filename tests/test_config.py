@@ -85,6 +85,13 @@ def test_a_group_across_hosts_is_refused_naming_the_member(tmp_path):
     hosts.write_text("a slots=two\n")
     with pytest.raises(LayoutError, match="hosts:1: expected 'HOST slots=N'"):
         read_hostfile(hosts)
+    # two replicas of 4 ranks: 0-3 | 4-7; on 5 + 3 slots replica 1's tiny-sp group (4, 5) straddles
+    hosts.write_text("a slots=4\nb slots=4\n")
+    placed = place(layout_for(cfg).for_replica(0, 2), read_hostfile(hosts))
+    assert [h for h, _ in placed] == ["a"] * 4 + ["b"] * 4
+    hosts.write_text("a slots=5\nb slots=3\n")
+    with pytest.raises(LayoutError, match=r"member 'tiny-sp' \(ranks 4-5\) straddles hosts a, b"):
+        place(layout_for(cfg).for_replica(0, 2), read_hostfile(hosts))
 
 
 @pytest.mark.parametrize("edit,expected", [

@@ -37,18 +37,20 @@ def place(layout: Layout, hosts: list[tuple[str, int]]) -> list[tuple[str, int]]
     if layout.world_size > len(slots):
         raise LayoutError(f"the config needs {layout.world_size} ranks but the hostfile has {len(slots)} slots")
     placed = slots[:layout.world_size]
-    for name, ranks in zip(layout.names, layout.ranks):
-        spread = sorted({placed[r][0] for r in ranks})
-        if len(spread) > 1:
-            raise LayoutError(f"member {name!r} (ranks {ranks[0]}-{ranks[-1]}) straddles hosts {', '.join(spread)}: "
-                              "reorder the members or change tp_size so that each group fits one host")
+    for replica in range(layout.replicas):
+        for name, ranks in zip(layout.names, layout.for_replica(replica).ranks):
+            spread = sorted({placed[r][0] for r in ranks})
+            if len(spread) > 1:
+                raise LayoutError(f"member {name!r} (ranks {ranks[0]}-{ranks[-1]}) straddles hosts {', '.join(spread)}: "
+                                  "reorder the members or change tp_size so that each group fits one host")
     return placed
 
 
 def describe_placement(layout: Layout, placed: list[tuple[str, int]]) -> str:
-    lines = ["| rank | member | role | host | slot |", "|---|---|---|---|---|"]
+    lines = ["| rank | replica | member | role | host | slot |", "|---|---|---|---|---|---|"]
     for rank, (host, slot) in enumerate(placed):
         i = layout.member_of(rank)
-        role = "leader" if rank == layout.ranks[i][0] else f"tp rank {layout.ranks[i].index(rank)}"
-        lines.append(f"| {rank} | {layout.names[i]} | {role} | {host} | {slot} |")
+        ranks = layout.for_replica(rank // layout.size).ranks[i]
+        role = "leader" if rank == ranks[0] else f"tp rank {ranks.index(rank)}"
+        lines.append(f"| {rank} | {rank // layout.size} | {layout.names[i]} | {role} | {host} | {slot} |")
     return "\n".join(lines)
