@@ -29,7 +29,7 @@ class Heartbeat:
         self.on_dead = on_dead
         self.step_timeout = step_timeout
         self.step: int | None = None    # the step this rank is in (None: still starting)
-        self.position = 0                # 4 x step + the collective it last entered, and when
+        self.position = 0                # len(PHASES) x step + the collective it last entered, and when
         self.step_since = 0.0
         self.store = dist.distributed_c10d._get_default_store()
         self.seen: dict[int, tuple[int, float]] = {}   # rank -> (last counter, when it changed)
