@@ -22,7 +22,9 @@ PROMPTS = ["The cat sees", "a dog likes the", "def f(x):\n    return", "café na
 
 
 def decode(cfg, home, mode, device, dtype="float32", batch=4):
-    cfg = dataclasses.replace(cfg, members=tuple(dataclasses.replace(m, dtype=dtype) for m in cfg.members))
+    cfg = dataclasses.replace(cfg, members=tuple(dataclasses.replace(m, dtype=dtype) for m in cfg.members),
+                              # fp32 rows of P: the GPU's and the CPU's bf16 products round differently
+                              anchors=dataclasses.replace(cfg.anchors, row_product="fp32"))
     members = load_members(cfg, home=home, log=lambda m: None, device=device)
     from runtime.members.ensemble import anchors_entry
     fuser = make_fuser(cfg, members, anchors_entry(cfg, members, home, progress=False), mode)
