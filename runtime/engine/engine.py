@@ -31,11 +31,10 @@ class Engine:
     `exchange`: how a step reaches the members that run elsewhere (default: nowhere)."""
 
     def __init__(self, members, fuser, max_batch: int = 8, lanes: dict[int, Lane] | None = None,
-                 exchange=LOCAL, seed: int = 0):
+                 exchange=LOCAL):
         self.members = members
         self.fuser = fuser
         self.exchange = exchange
-        self.seed = seed   # a request without its own seed draws from (seed, its id)
         self.scheduler = Scheduler(max_batch)
         self.lanes = lanes if lanes is not None else {i: Lane(m) for i, m in enumerate(members)}
         self.main = members[0].tokenizer
@@ -109,8 +108,10 @@ class Engine:
             slot = free[0] if free else len(self.slots)
             if not free:
                 self.slots.append(None)
+            # jobs and the API give every sampled request its seed (jobs/files.expand_samples);
+            # a bare Request without one draws from (0, its id), as a job with --seed 0 would
             own = request.sampling.seed
-            self.slots[slot] = Row(request, seed=own if own is not None else stable_seed(self.seed, request.id))
+            self.slots[slot] = Row(request, seed=own if own is not None else stable_seed(0, request.id))
             placed.append((slot, request))
         if placed:
             for lane in self.lanes.values():
