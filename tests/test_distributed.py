@@ -297,7 +297,7 @@ def test_a_rank_stuck_inside_a_step_stops_every_rank_within_the_step_timeout(hom
     prompts(inp, 6, tokens=10)
     out_path = tmp_path / "out.jsonl"
     args = ["launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp), "--output", str(out_path),
-            "--batch", "2", "--step-timeout", "4"]
+            "--batch", "2", "--step-timeout", "6"]
     proc = launch(home, 3, *args, extra_env={"DEEPEN_FAULT": "stall:1:3:600"})
     t0 = time.time()
     out, _ = proc.communicate(timeout=240)

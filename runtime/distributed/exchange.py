@@ -15,6 +15,8 @@ The control bytes are CPU tensors (gloo); the rest stays on the rank's device (N
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import msgpack
 import torch
 import torch.distributed as dist
@@ -55,10 +57,10 @@ def gather_messages(message: dict) -> list[dict]:
 class GroupExchange:
     """The exchange of a rank in a World (runtime/distributed/world.py)."""
 
-    def __init__(self, world, enter=None):
+    def __init__(self, world, phase=None):
         self.world = world
         self.device = world.device
-        self.enter = enter or (lambda phase: None)  # the heartbeat: which collective we wait in
+        self.phase = phase or (lambda name: nullcontext())  # the heartbeat: which collective we wait in
         self.root = world.layout.root      # the replica's main leader (rank 0 with one replica)
         self.group = world.replica_group   # the replica's ranks (None: the world)
         self.is_root = world.rank == self.root
@@ -70,24 +72,24 @@ class GroupExchange:
     def share_plan(self, plan: Plan | None) -> Plan:
         """Rank 0's plan, on every rank. A step that admits nothing, drops nothing and is not the
         last sends one byte (the message's length is its flag)."""
-        self.enter("plan")
         quiet = plan is not None and not plan.admit and not plan.drop and not plan.done
-        flag = torch.tensor([0 if quiet else 1], dtype=torch.uint8)
-        dist.broadcast(flag, self.root, group=self.group)
-        if not int(flag):
-            return plan if plan is not None else Plan([], False, False)
-        message = None if plan is None else {"admit": [r.pack() for r in plan.admit], "drop": plan.drop,
-                                             "done": plan.done}
-        message = broadcast_message(message, self.root, self.group)
+        with self.phase("plan"):
+            flag = torch.tensor([0 if quiet else 1], dtype=torch.uint8)
+            dist.broadcast(flag, self.root, group=self.group)
+            if not int(flag):
+                return plan if plan is not None else Plan([], False, False)
+            message = None if plan is None else {"admit": [r.pack() for r in plan.admit], "drop": plan.drop,
+                                                 "done": plan.done}
+            message = broadcast_message(message, self.root, self.group)
         return Plan([Request.unpack(r) for r in message["admit"]], message["drop"], message["done"])
 
     def share_rows(self, fuse: torch.Tensor | None, batch: int) -> torch.Tensor:
         """The main leader's fuse mask, on every leader."""
         if len(self.world.layout.leaders) == 1:
             return fuse
-        self.enter("rows")
         mask = fuse.to(torch.uint8) if fuse is not None else torch.empty(batch, dtype=torch.uint8, device=self.device)
-        dist.broadcast(mask, self.root, group=self.world.leaders_group)
+        with self.phase("rows"):
+            dist.broadcast(mask, self.root, group=self.world.leaders_group)
         return mask.bool()
 
     def collect_keys(self, keys: dict, batch: int) -> list | None:
@@ -96,9 +98,9 @@ class GroupExchange:
         (mine,), leaders = keys.values(), self.world.layout.leaders
         if len(leaders) == 1:
             return [mine]
-        self.enter("keys")
         received = [torch.empty_like(mine) for _ in leaders] if self.is_main else None
-        dist.gather(mine.contiguous(), received, dst=self.root, group=self.world.leaders_group)
+        with self.phase("keys"):
+            dist.gather(mine.contiguous(), received, dst=self.root, group=self.world.leaders_group)
         return received
 
     def collect(self, parts: dict) -> list | None:
@@ -110,9 +112,9 @@ class GroupExchange:
         if len(leaders) == 1:
             received = [mine]
         else:
-            self.enter("gather")
             received = [torch.empty_like(mine) for _ in leaders] if self.is_main else None
-            dist.gather(mine.contiguous(), received, dst=self.root, group=self.world.leaders_group)
+            with self.phase("gather"):
+                dist.gather(mine.contiguous(), received, dst=self.root, group=self.world.leaders_group)
         if not self.is_main:
             return None
         self.gathered_bytes += sum(t.numel() * t.element_size() for t in received)
@@ -122,10 +124,10 @@ class GroupExchange:
 
     def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
         """The chosen tokens and fused flags, from rank 0 to every rank."""
-        self.enter("tokens")
         both = torch.stack([result.tokens, result.fused.long()]) if self.is_root \
             else torch.empty(2, batch, dtype=torch.long, device=self.device)
-        dist.broadcast(both, self.root, group=self.group)
+        with self.phase("tokens"):
+            dist.broadcast(both, self.root, group=self.group)
         if self.is_root:
             return result
         return StepResult(both[0], both[1].bool(), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import torch.distributed as dist
 
@@ -17,11 +18,16 @@ class Heartbeat:
     even when the main thread is stuck in a collective. When a collective fails, `identify`
     watches a few more seconds to name the rank that stopped beating.
 
-    Progress: the main thread posts where it is as it enters each of a step's collectives
-    (`enter`). A rank that has waited longer than `step_timeout` looks at the others' positions:
-    the rank furthest behind is alive (it beats) but stuck inside a step, and is named; if all
-    are at the same collective, it stalled. A rank that has posted nothing yet is still starting
-    (loading, sharding): the start-up timeout governs it."""
+    Progress: the main thread notes, in memory, as it enters and leaves each of a step's
+    collectives (`phase`); the beat thread posts it with the counter (the hot path makes no store
+    round-trip). A rank that has sat in one place longer than `step_timeout` looks at the others'
+    positions: the rank furthest behind is alive (it beats) but stuck inside a step, and is
+    named; if all are inside the same collective, it stalled; if all left it and none has reached
+    the next, every rank is slower than the timeout. The first step (warm-up: first kernels,
+    allocations) and the start-up before it fall under the start-up timeout instead."""
+
+    PHASES = ("plan", "keys", "rows", "gather", "tokens")  # a step's collectives, in order
+    GRACE = 3.0   # seconds a stuck rank waits past the step timeout before it names itself
 
     def __init__(self, world, every: float = 0.25, stale: float = 10.0, on_dead=None,
                  step_timeout: float | None = None):
@@ -29,8 +35,9 @@ class Heartbeat:
         self.on_dead = on_dead
         self.step_timeout = step_timeout
         self.step: int | None = None    # the step this rank is in (None: still starting)
-        self.position = 0                # len(PHASES) x step + the collective it last entered, and when
-        self.step_since = 0.0
+        # 2 x (len(PHASES) x step + the collective) + 1 once it has left it; and since when
+        self.position, self.since = 0, time.monotonic()
+        self.posted = None
         self.store = dist.distributed_c10d._get_default_store()
         self.seen: dict[int, tuple[int, float]] = {}   # rank -> (last counter, when it changed)
         self.lock = threading.Lock()
@@ -43,7 +50,12 @@ class Heartbeat:
         while not self.stop.is_set():
             try:
                 count += 1
-                self.store.set(f"deepen/beat/{self.world.rank}", str(count))
+                position = self.position
+                with self.lock:
+                    self.store.set(f"deepen/beat/{self.world.rank}", str(count))
+                    if position != self.posted:
+                        self.store.set(f"deepen/at/{self.world.rank}", str(position))
+                        self.posted = position
                 dead = self.quiet(self.stale) or self.stuck()
             except Exception:  # the store's host, rank 0, is gone
                 dead = f"{self.world.layout.describe(0)} is unreachable (it hosts the job's store)"
@@ -52,41 +64,51 @@ class Heartbeat:
                 return
             self.stop.wait(self.every)
 
-    PHASES = ("plan", "keys", "rows", "gather", "tokens")  # a step's collectives, in order
-
-    def enter(self, phase: str):
-        """The main thread enters one of a step's collectives (a wait for other ranks). Steps are
-        counted over the whole job: every rank runs the same steps in lock-step."""
-        if phase == "plan":
+    @contextmanager
+    def phase(self, name: str):
+        """The main thread waits in one of a step's collectives. Steps are counted over the whole
+        job: every rank of a replica runs the same steps in lock-step."""
+        if name == "plan":
             self.step = 0 if self.step is None else self.step + 1
-        position = len(self.PHASES) * (self.step or 0) + self.PHASES.index(phase)
-        with self.lock:
-            self.store.set(f"deepen/at/{self.world.rank}", str(position))
-        self.position, self.step_since = position, time.monotonic()
+        at = 2 * (len(self.PHASES) * self.step + self.PHASES.index(name))
+        self.position, self.since = at, time.monotonic()
+        yield
+        self.position, self.since = at + 1, time.monotonic()
+
+    def where(self, position: int) -> tuple[int, str, bool]:
+        """(step, collective, left it) of a posted position."""
+        at, left = divmod(position, 2)
+        return at // len(self.PHASES), self.PHASES[at % len(self.PHASES)], bool(left)
 
     def stuck(self) -> str:
-        """After waiting longer than the step timeout: the rank that is furthest behind (alive
-        but stuck inside a step: it never reached the collective the others wait in), or, if
-        every rank is at the same collective, that the collective stalled."""
-        if self.step_timeout is None or self.step is None:
+        """After sitting in one place longer than the step timeout: the rank furthest behind
+        (alive but stuck inside a step: it never reached the collective the others wait in), or
+        that every rank sits in the same place."""
+        if self.step_timeout is None or not self.step:    # None: starting; 0: the first step
             return ""
-        if time.monotonic() - self.step_since <= self.step_timeout:
+        waited = time.monotonic() - self.since
+        if waited <= self.step_timeout:
             return ""
+        at = {self.world.rank: self.position}
+        layout = self.world.layout   # this replica's ranks: replicas step independently
         with self.lock:
-            at = {self.world.rank: self.position}
-            layout = self.world.layout   # this replica's ranks: replicas step independently
             for rank in range(layout.root, layout.root + layout.size):
                 key = f"deepen/at/{rank}"
                 if rank != self.world.rank and self.store.check([key]):
                     at[rank] = int(self.store.get(key))
         low = min(at.values())
+        step, name, left = self.where(low)
         limit = f"the step timeout ({self.step_timeout:g} s)"
         if all(p == low for p in at.values()):
-            return f"no rank has passed '{self.PHASES[low % len(self.PHASES)]}' of step {low // len(self.PHASES)} within {limit}: a stalled collective"
-        names = "; ".join("this rank" if r == self.world.rank else self.world.layout.describe(r)
-                          for r, p in sorted(at.items()) if p == low)
-        return (f"{names} has not finished step {low // len(self.PHASES)} within {limit}: alive but stuck after "
-                f"'{self.PHASES[low % len(self.PHASES)]}'")
+            if left:
+                return (f"every rank is still working after '{name}' of step {step} past {limit}: "
+                        f"steps this slow need a longer --step-timeout")
+            return f"no rank has passed '{name}' of step {step} within {limit}: a stalled collective"
+        behind = [r for r, p in sorted(at.items()) if p == low]
+        if self.world.rank in behind and waited <= self.step_timeout + self.GRACE:
+            return ""   # the stuck rank lets the ranks waiting on it speak first (they see the whole picture)
+        names = "; ".join(layout.describe(r) for r in behind)   # the same words on every rank
+        return f"{names} has not finished step {step} within {limit}: alive but stuck after '{name}'"
 
     def close(self):
         """This rank is done (not dead: a replica that drained the queue stops beating while

@@ -123,7 +123,7 @@ class Rank:
 
     def engine(self, members, fuser, batch: int) -> Engine:
         engine = Engine(members, fuser, batch, lanes={self.world.member: Lane(members[self.world.member])},
-                        exchange=GroupExchange(self.world, enter=self.heartbeat.enter))
+                        exchange=GroupExchange(self.world, phase=self.heartbeat.phase))
         stall_for_tests(engine, self.world.rank)
         return engine
 
