@@ -111,21 +111,47 @@ def test_fusion_changes_some_tokens_and_decode_stays_consistent(tiny):
         assert r.finish in ("eos", "length", "stop")
 
 
-@given(calls=st.lists(st.lists(st.integers(0, 599), min_size=1, max_size=80), min_size=1, max_size=6))
+@given(calls=st.lists(st.lists(st.integers(0, 599), min_size=1, max_size=80), min_size=1, max_size=6),
+       keep=st.sampled_from([0, 8, 32]))
 @settings(max_examples=25, deadline=None)
-def test_row_memo_and_cache_return_exact_rows(calls):
-    """Whatever the sequence of requests, rows() returns the rows of P (computed in another batch
-    shape, so equal to float rounding), and never computes more rows than asking
-    compute_rows for everything would."""
+def test_row_store_returns_exact_rows(calls, keep):
+    """Whatever the sequence of requests and the store's size, rows(), rows(ids, index) and
+    weighted() return the rows of P (computed in another batch shape, so equal to float
+    rounding); the store grows to hold a request, and a request repeated at once computes
+    nothing."""
     from runtime.deepen.relative import LowRankTransfer
     torch.manual_seed(0)
-    t = LowRankTransfer.build(torch.randn(600, 12), torch.arange(0, 600, 4), cache_rows=32, clusters=4)
-    asked = 0
+    t = LowRankTransfer.build(torch.randn(600, 12), torch.arange(0, 600, 4), cache_rows=keep, clusters=4)
     for ids in calls:
         ids = torch.unique(torch.tensor(ids))
-        torch.testing.assert_close(t.rows(ids), t.compute_rows(ids), rtol=1e-5, atol=1e-9)
-        asked += len(ids)
-    assert t.computed - asked <= asked  # (compute_rows above counts too: asked of them)
+        want = t.compute_rows(ids)
+        torch.testing.assert_close(t.rows(ids), want, rtol=1e-5, atol=1e-9)
+        assert t.store.capacity >= max(len(ids), keep)
+        index = torch.randint(0, len(ids), (3, 5))
+        computed = t.computed
+        torch.testing.assert_close(t.rows(ids, index), want[index], rtol=1e-5, atol=1e-9)
+        weights = torch.rand(4, len(ids))
+        torch.testing.assert_close(t.weighted(ids, weights), weights @ want, rtol=1e-4, atol=1e-7)
+        assert t.computed == computed   # held since the first request above
+
+
+def test_row_store_keeps_recent_rows_and_replaces_the_oldest():
+    from runtime.deepen.relative import LowRankTransfer
+    torch.manual_seed(0)
+    t = LowRankTransfer.build(torch.randn(300, 8), torch.arange(0, 300, 3), cache_rows=20, clusters=4)
+    t.rows(torch.arange(0, 10))
+    t.rows(torch.arange(10, 20))
+    assert t.store.capacity == 20 and (t.hits, t.misses) == (0, 20)
+    t.rows(torch.arange(0, 5))            # held: now the most recently used
+    t.rows(torch.arange(20, 30))          # 10 rows replaced: 5..9 (the oldest) and 5 of 10..19
+    t.rows(torch.arange(0, 5))
+    t.rows(torch.arange(20, 30))
+    assert t.misses == 30 and t.hits == 20
+    t.rows(torch.arange(5, 10))
+    assert t.misses == 35
+    t.rows(torch.arange(100, 140))        # a larger request grows the store
+    t.rows(torch.arange(100, 140))
+    assert t.misses == 75 and t.store.capacity >= 40
 
 
 def test_search_gathered_per_row_equals_the_dense_product(monkeypatch):

@@ -52,6 +52,8 @@ FUSION_PARTS = ("rules", "relative", "search")   # the fusion itself (one proces
 def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int, sampling=GREEDY) -> dict:
     if hasattr(fuser, "seconds"):
         fuser.seconds.clear()
+    if hasattr(fuser, "forget_rows"):   # every repetition starts with empty row stores
+        fuser.forget_rows()
     engine = Engine(members, fuser, max_batch=batch)
     requests = [Request(i, p, new_tokens, sampling=sampling if sampling.greedy else
                         SamplingParams(**{**sampling.pack(), "seed": stable_seed("bench", i)}))

@@ -50,7 +50,7 @@ def relative_fast(logits: torch.Tensor, transfer, mass_epsilon: float, max_suppo
     weights = probs.new_zeros(probs.shape[0], len(uniq))
     weights[live.nonzero(as_tuple=True)[0], inverse] = top_probs[live]
     tail = tail_by_cluster(probs, top_ids, live, transfer.cluster_of, transfer.cluster_rows.shape[0])
-    r = weights @ transfer.rows(uniq) + tail @ transfer.cluster_rows
+    r = transfer.weighted(uniq, weights) + tail @ transfer.cluster_rows
     return r, neglected
 
 
@@ -125,6 +125,12 @@ class Fuser:
         self.decided_rows = 0   # rows skipped because their token was decided (fast mode)
         self.agreeing_rows = 0  # rows skipped because every member's argmax agreed (skip_agreeing)
         self._anchor_column: dict[int, torch.Tensor] = {}
+
+    def forget_rows(self):
+        """Empty the members' row stores: a bench repetition starts as a new job would."""
+        for transfer in self.transfers:
+            if hasattr(transfer, "forget_rows"):
+                transfer.forget_rows()
 
     @contextmanager
     def timed(self, part: str):

@@ -8,16 +8,19 @@ P is |V| x |A|; dense it is 48 GB for Gemma-3 against all anchors, so it has two
 - `LowRankTransfer` holds what any row of P is made of: the unit-normalised embeddings (rank d),
   plus two exact scalars per token computed once at build time (1/||R_t|| and log Z_t, the
   softmax normaliser) and the mean row of P. A row is recomputed exactly from these
-  (one d x |A| product), so nothing |V| x |A| is ever materialised. Recent rows are cached.
+  (one d x |A| product), so nothing |V| x |A| is ever materialised. The rows decoding keeps
+  needing stay in a row store (rowstore.py).
 
-Both expose the same three operations that the fusion needs:
-`rows(ids)`, `left(sigma) = sigma @ P` and `right(g) = g @ P^T` (the last two over the whole
+Both expose the operations that the fusion needs: `rows(ids[, index])`, `weighted(ids, w) =
+w @ rows(ids)`, `left(sigma) = sigma @ P` and `right(g) = g @ P^T` (the last two over the whole
 vocabulary, chunked, for exact mode).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .rowstore import RowStore
 
 TEMPERATURE = 100.0
 # Rows per chunk when P is built or swept chunk by chunk: 512 x 46k anchors x 4 B = 95 MB.
@@ -92,8 +95,11 @@ class DenseTransfer:
     def device(self) -> torch.device:
         return self.matrix.device
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.matrix[ids]
+    def rows(self, ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.matrix[ids if index is None else ids[index]]
+
+    def weighted(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return weights @ self.matrix[ids]
 
     def left(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma @ self.matrix
@@ -148,29 +154,20 @@ class LowRankTransfer:
                                state["cluster_rows"]).use_product(self.product)
 
     def _reset_cache(self):
-        """The row cache, all tensors (no Python per-token bookkeeping): which slot holds each
-        token (-1: none), which token each slot holds, and when each slot was last used."""
-        device = self.device
-        self._cache = torch.empty(0, self.num_anchors, device=device)
-        self._slot_of = torch.full((self.num_tokens,), -1, dtype=torch.long, device=device)
-        self._token_in = torch.full((max(self.cache_rows, 0),), -1, dtype=torch.long, device=device)
-        self._used = torch.zeros(max(self.cache_rows, 0), dtype=torch.long, device=device)
-        self._tick = 0
-        self._counts = torch.zeros(3, dtype=torch.long, device=device)  # hits, misses, memo hits
+        self.forget_rows()
         self.computed = 0     # rows of P computed (the cost that matters in fast mode)
-        self._memo = None
+
+    def forget_rows(self):
+        """The rows of P kept between requests (runtime/deepen/rowstore.py), emptied."""
+        self.store = RowStore(self.compute_rows, self.num_tokens, self.num_anchors, self.device, self.cache_rows)
 
     @property
     def hits(self) -> int:
-        return int(self._counts[0])
+        return int(self.store.counts[0])
 
     @property
     def misses(self) -> int:
-        return int(self._counts[1])
-
-    @property
-    def memo_hits(self) -> int:
-        return int(self._counts[2])
+        return int(self.store.counts[1])
 
     @classmethod
     def build(cls, emb: torch.Tensor, anchor_ids: torch.Tensor, temperature: float = TEMPERATURE,
@@ -225,7 +222,7 @@ class LowRankTransfer:
         tensors = [self.unit_emb, self.anchors_t, self.inv_norm, self.log_z, self.mean_row,
                    self.anchor_ids, self.cluster_of, self.cluster_rows, *(self._low or ())]
         return sum(t.numel() * t.element_size() for t in tensors) + \
-            self.cache_rows * self.num_anchors * 4
+            max(self.cache_rows, self.store.capacity) * self.num_anchors * 4
 
     def compute_rows(self, ids: torch.Tensor) -> torch.Tensor:
         self.computed += len(ids)
@@ -236,50 +233,15 @@ class LowRankTransfer:
         logits.mul_((self.inv_norm[ids] * self.temperature)[:, None])
         return logits.sub_(self.log_z[ids][:, None]).exp_()
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of P for `ids` (distinct; sorted, as torch.unique gives them, finds the most in
-        the memo). The rows of the previous call are kept until the next one: the main member's
-        relative vectors and its search ask for nearly the same tokens one after the other (and
-        so do consecutive steps), more than the LRU cache holds at large batches."""
-        memo, self._memo = self._memo, None
-        if memo is not None and len(ids) and len(memo[0]):
-            known, known_rows = memo
-            pos = torch.searchsorted(known, ids).clamp_(max=len(known) - 1)
-            hit = known[pos] == ids
-            self._counts[2] += hit.sum()
-            out = known_rows.index_select(0, pos)  # one gather; the misses' rows are written over
-            miss = (~hit).nonzero().squeeze(1)
-            if len(miss):
-                out.index_copy_(0, miss, self._cached_rows(ids[miss]))
-        else:
-            out = self._cached_rows(ids)
-        self._memo = (ids, out)
-        return out
+    def rows(self, ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of P for `ids` (distinct), through the row store: each row is computed once
+        while it stays there. With `index` (positions into ids, any shape): the rows of
+        ids[index], shaped index.shape + (|A|,), in one gather."""
+        return self.store.gather(ids, index)
 
-    def _cached_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of P through an LRU cache of recent rows, kept in tensors on the transfer's
-        device: a miss takes the least recently used slot that this call does not need."""
-        if self.cache_rows <= 0 or len(ids) > self.cache_rows:  # more than fits: cache nothing
-            return self.compute_rows(ids)
-        if self._cache.shape[0] == 0:
-            self._cache = torch.empty(self.cache_rows, self.num_anchors, device=self.device)
-        self._tick += 1
-        slots = self._slot_of[ids]
-        missing = slots < 0
-        self._counts[0] += (~missing).sum()
-        self._used[slots[~missing]] = self._tick   # hits are in use: not victims
-        new_ids = ids[missing]
-        if len(new_ids):
-            self._counts[1] += len(new_ids)
-            victims = torch.topk(self._used, len(new_ids), largest=False).indices
-            old = self._token_in[victims]
-            self._slot_of[old[old >= 0]] = -1
-            self._cache[victims] = self.compute_rows(new_ids)
-            self._token_in[victims] = new_ids
-            self._slot_of[new_ids] = victims
-            self._used[victims] = self._tick
-            slots = self._slot_of[ids]
-        return self._cache[slots]
+    def weighted(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """weights @ rows(ids), without gathering the rows where the store can be read whole."""
+        return self.store.weighted(ids, weights)
 
     def left(self, sigma: torch.Tensor) -> torch.Tensor:
         out = sigma.new_zeros(sigma.shape[0], self.num_anchors)

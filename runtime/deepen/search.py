@@ -154,7 +154,6 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     uniq, inverse = torch.unique(ids[live], return_inverse=True)
     index = torch.zeros(rows_n, k_max, dtype=torch.long, device=z0.device)
     index[live] = inverse
-    basis = transfer.rows(uniq)
     # the frozen tail is one fixed direction per row: its clusters' rows, weighted by their share
     # of the tail; only its total weight changes as the support's logits move
     tail_lse = torch.logsumexp(tail_logit, dim=1, keepdim=True)
@@ -162,7 +161,11 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
 
     # each row's own rows of P, gathered once (B x k x |A|): an iteration then costs B*k*|A|
     # instead of B*|union of supports|*|A|, k times B less at large batches
-    per_row = basis[index] if rows_n * k_max * basis.shape[1] * 4 <= GATHER_BYTES else None
+    per_row = basis = None
+    if rows_n * k_max * transfer.num_anchors * 4 <= GATHER_BYTES:
+        per_row = transfer.rows(uniq, index)
+    else:
+        basis = transfer.rows(uniq)
 
     def product(sigma):
         if per_row is not None:
