@@ -101,6 +101,8 @@ class DenseTransfer:
     def weighted(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weights @ self.matrix[ids]
 
+    gathered = rows
+
     def left(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma @ self.matrix
 
@@ -220,7 +222,7 @@ class LowRankTransfer:
 
     def nbytes(self) -> int:
         tensors = [self.unit_emb, self.anchors_t, self.inv_norm, self.log_z, self.mean_row,
-                   self.anchor_ids, self.cluster_of, self.cluster_rows, *(self._low or ())]
+                   self.anchor_ids, self.cluster_of, self.cluster_rows, self.store.scratch, *(self._low or ())]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             max(self.cache_rows, self.store.capacity) * self.num_anchors * 4
 
@@ -238,6 +240,10 @@ class LowRankTransfer:
         while it stays there. With `index` (positions into ids, any shape): the rows of
         ids[index], shaped index.shape + (|A|,), in one gather."""
         return self.store.gather(ids, index)
+
+    def gathered(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """rows(ids, index) in a buffer the row store reuses: valid until the next call."""
+        return self.store.gathered(ids, index)
 
     def weighted(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """weights @ rows(ids), without gathering the rows where the store can be read whole."""

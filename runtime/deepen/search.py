@@ -163,7 +163,7 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     # instead of B*|union of supports|*|A|, k times B less at large batches
     per_row = basis = None
     if rows_n * k_max * transfer.num_anchors * 4 <= GATHER_BYTES:
-        per_row = transfer.rows(uniq, index)
+        per_row = transfer.gathered(uniq, index)   # valid until the transfer's next gathered()
     else:
         basis = transfer.rows(uniq)
 

@@ -10,7 +10,7 @@ the file and the key (`ConfigError: configs/x.toml: members[1].tp_size: must be 
 
     [anchors]                     # optional
     max_anchors = 0               # 0 = the full intersection (the paper's best setting)
-    row_cache = 512               # rows of P cached per member (fast mode)
+    row_cache = 512               # rows of P kept per member between steps, at least (fast mode)
     mass_epsilon = 1e-4           # fast mode: probability a member may leave to P's mean row
     max_support = 256             # fast mode: at most this many tokens per row and member
     skip_decided = true           # fast mode: no fusion where the main model's token is decided
