@@ -139,8 +139,9 @@ class LowRankTransfer:
         with AVX-512 BF16/AMX and on GPUs); the accumulation, the scale, the normaliser and the
         exponential stay fp32. Fast mode only: exact mode's P is the authors' fp32."""
         self.product = dtype
-        self._low = None if dtype == torch.float32 else \
-            (self.unit_emb.to(dtype), self.anchors_t.to(dtype))
+        # only the anchors get a low-precision copy: a row's own embedding is converted as it is
+        # gathered (n x d, nothing next to the anchors' d x |A|), so no second |V| x d copy stays
+        self._low = None if dtype == torch.float32 else self.anchors_t.to(dtype)
         self._reset_cache()
         return self
 
@@ -222,14 +223,15 @@ class LowRankTransfer:
 
     def nbytes(self) -> int:
         tensors = [self.unit_emb, self.anchors_t, self.inv_norm, self.log_z, self.mean_row,
-                   self.anchor_ids, self.cluster_of, self.cluster_rows, self.store.scratch, *(self._low or ())]
+                   self.anchor_ids, self.cluster_of, self.cluster_rows, self.store.scratch,
+                   *(() if self._low is None else (self._low,))]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             max(self.cache_rows, self.store.capacity) * self.num_anchors * 4
 
     def compute_rows(self, ids: torch.Tensor) -> torch.Tensor:
         self.computed += len(ids)
         if self._low is not None:
-            logits = (self._low[0][ids] @ self._low[1]).float()
+            logits = (self.unit_emb[ids].to(self._low.dtype) @ self._low).float()
         else:
             logits = self.unit_emb[ids] @ self.anchors_t
         logits.mul_((self.inv_norm[ids] * self.temperature)[:, None])
