@@ -33,9 +33,12 @@ from .world import global_rank, init_world, layout_for, shard_member, threads_pe
 _dying: list[str] = []
 
 
-def die(who: str, error: BaseException | str, code: int = 1):
+def die(who: str, error: BaseException | str, code: int = 1, linger: float = 0.0):
+    """Say who failed and why, then exit at once (`linger`: seconds to stay up first, for rank 0,
+    whose store the others read to name the failed rank themselves)."""
     sys.stderr.write(f"deepen: {who}: {error}\n")
     sys.stderr.flush()
+    time.sleep(linger)
     os._exit(code)  # never hang in atexit handlers or collectives
 
 
@@ -74,8 +77,8 @@ class Rank:
             # the process groups wait as long as start-up may take (a 70B member loads while a 7B
             # one waits); once every rank steps, the heartbeat holds each step to step_timeout
             self.world = init_world(self.layout, startup_timeout)
-            self.heartbeat = Heartbeat(self.world, on_dead=lambda why: die(self.world.describe, f"stopping: {why}"),
-                                       step_timeout=step_timeout)
+            self.heartbeat = Heartbeat(self.world, step_timeout=step_timeout, on_dead=lambda why: die(
+                self.world.describe, f"stopping: {why}", linger=3.0 if self.world.rank == 0 else 0.0))
             # the deepspeed launcher and torchrun stop the other ranks with SIGTERM when one
             # fails: say who we are and who went silent before going
             signal.signal(signal.SIGTERM, lambda *_: fail_job(
