@@ -11,7 +11,7 @@ P is |V| x |A|; dense it is 48 GB for Gemma-3 against all anchors, so it has two
   (one d x |A| product), so nothing |V| x |A| is ever materialised. The rows decoding keeps
   needing stay in a row store (rowstore.py).
 
-Both expose the operations that the fusion needs: `rows(ids[, index])`, `weighted(ids, w) =
+Both expose the operations that the fusion needs: `rows(ids)`, `gathered(ids, index)`, `weighted(ids, w) =
 w @ rows(ids)`, `left(sigma) = sigma @ P` and `right(g) = g @ P^T` (the last two over the whole
 vocabulary, chunked, for exact mode).
 """
@@ -95,13 +95,14 @@ class DenseTransfer:
     def device(self) -> torch.device:
         return self.matrix.device
 
-    def rows(self, ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        return self.matrix[ids if index is None else ids[index]]
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.matrix[ids]
+
+    def gathered(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.matrix[ids[index]]
 
     def weighted(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weights @ self.matrix[ids]
-
-    gathered = rows
 
     def left(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma @ self.matrix
@@ -237,14 +238,15 @@ class LowRankTransfer:
         logits.mul_((self.inv_norm[ids] * self.temperature)[:, None])
         return logits.sub_(self.log_z[ids][:, None]).exp_()
 
-    def rows(self, ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of P for `ids` (distinct), through the row store: each row is computed once
-        while it stays there. With `index` (positions into ids, any shape): the rows of
-        ids[index], shaped index.shape + (|A|,), in one gather."""
-        return self.store.gather(ids, index)
+        while it stays there."""
+        return self.store.gather(ids)
 
     def gathered(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """rows(ids, index) in a buffer the row store reuses: valid until the next call."""
+        """The rows of ids[index] (index: positions into the distinct `ids`, any shape), shaped
+        index.shape + (|A|,), in one gather into a buffer the row store reuses: valid until the
+        next call."""
         return self.store.gathered(ids, index)
 
     def weighted(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -70,15 +70,15 @@ class RowStore:
         self.used = torch.cat([self.used, self.used.new_zeros(grow)])
         self.slab = slab
 
-    def gather(self, ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of `ids` (distinct), or with `index` (positions into ids, any shape) the rows
-        of ids[index], shaped index.shape + (|A|,): one gather from the slab."""
-        slots = self.slots(ids)
-        return self.slab[slots if index is None else slots[index]]
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of `ids` (distinct): one gather from the slab."""
+        slots = self.slots(ids)   # first: it may grow (replace) the slab
+        return self.slab[slots]
 
     def gathered(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """gather(ids, index) into a buffer the store reuses: valid until the next call. A
-        fresh buffer that large costs a page fault per 4 KB on CPUs, more than the copy."""
+        """The rows of ids[index] (index: positions into the distinct ids, any shape), in a
+        buffer the store reuses: valid until the next call. A fresh buffer that large costs a
+        page fault per 4 KB on CPUs, more than the copy."""
         slots = self.slots(ids)[index]
         size = slots.numel() * self.num_anchors
         if self.scratch.numel() < size:
@@ -90,9 +90,8 @@ class RowStore:
     def weighted(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """weights @ rows(ids) (weights: B x len(ids)). When the request covers a quarter of the
         slab or more, the slab itself is the operand (weights spread over its rows; nothing
-        gathered): reading the whole slab costs less than gathering a quarter of it into a fresh
-        tensor and reading that (measured on the real pair at batch 8: a half-slab threshold made
-        9.0-9.6 tok/s, a quarter 10.3-10.4, always the whole slab 10.1-10.8, never 7.7-8.5)."""
+        gathered). A quarter was chosen from runs on the real pair at batch 8
+        (docs/performance.md, "The row store")."""
         slots = self.slots(ids)
         if 4 * len(ids) >= self.capacity:
             spread = weights.new_zeros(weights.shape[0], self.capacity)

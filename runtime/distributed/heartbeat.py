@@ -70,7 +70,7 @@ class Heartbeat:
         job: every rank of a replica runs the same steps in lock-step."""
         if name == "plan":
             self.step = 0 if self.step is None else self.step + 1
-        at = 2 * (len(self.PHASES) * self.step + self.PHASES.index(name))
+        at = 2 * (len(self.PHASES) * (self.step or 0) + self.PHASES.index(name))
         self.position, self.since = at, time.monotonic()
         yield
         self.position, self.since = at + 1, time.monotonic()
