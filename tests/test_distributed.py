@@ -53,6 +53,11 @@ def home(tmp_path_factory):
     for mode in ("exact", "fast"):
         (home / f"pair-{mode}.toml").write_text(PAIR.format(mode=mode))
     (home / "pair-agree.toml").write_text(TWIN)
+    # the fused rows kept on the main leader (split_fusion off) instead of shared out
+    (home / "pair-plain.toml").write_text(PAIR.format(mode="fast") + "[anchors]\nsplit_fusion = false\n")
+    for name in ("tiny", "tiny-tp"):   # three leaders; a main member at tp 2 (a rank that leads nothing)
+        text = (ROOT / "configs" / f"{name}.toml").read_text()
+        (home / f"{name}-fast.toml").write_text(text.replace('mode = "exact"', 'mode = "fast"'))
     for config in ("configs/tiny.toml", "configs/tiny-tp.toml", str(home / "pair-exact.toml"),
                    str(home / "pair-agree.toml")):
         subprocess.run([sys.executable, "-m", "launcher.cli", "anchors", "build", config], cwd=ROOT,
@@ -143,14 +148,15 @@ def test_each_rank_materialises_only_its_shard(home, tmp_path):
     assert full_mb < whole2 and sharded1 < full_mb + 64
 
 
-@pytest.mark.parametrize("ranks,config", [(2, "pair-exact"), (2, "pair-fast"), (2, "pair-agree"),
-                                          (3, "configs/tiny.toml"),
-                                          (4, "configs/tiny-tp.toml")])
+@pytest.mark.parametrize("ranks,config", [(2, "pair-exact"), (2, "pair-fast"), (2, "pair-plain"),
+                                          (2, "pair-agree"), (3, "configs/tiny.toml"), (3, "tiny-fast"),
+                                          (4, "configs/tiny-tp.toml"), (4, "tiny-tp-fast")])
 def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path, ranks, config):
     """Same completions, finish reasons and fused steps; same counts of rows fused and of the
-    mass fast mode neglected; the same timing parts (tiny-tp: the main member at tp 2; pair-agree:
-    the agreement skip, the assists' argmaxes gathered before the rows are picked)."""
-    config = str(home / f"{config}.toml") if config.startswith("pair") else config
+    mass fast mode neglected; the same timing parts. Fast mode shares the fused rows out between
+    the leaders (split_fusion) except in pair-plain; tiny-tp: the main member at tp 2; pair-agree:
+    the agreement skip, the assists' argmaxes gathered before the rows are picked."""
+    config = config if config.startswith("configs/") else str(home / f"{config}.toml")
     inp = tmp_path / "in.jsonl"
     prompts(inp, 7)
     single, single_stats = tmp_path / "single.jsonl", tmp_path / "single-stats.json"
@@ -170,13 +176,21 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
         assert got[key] == want[key], key
     assert (got["agreeing_rows"] > 0) == ("agree" in config)
     assert 0 < got["fused_rows"] <= got["rows"]
-    if "fast" in config or "agree" in config:
+    if "exact" not in config and "configs/" not in config:
         assert got["neglected_mass_sum"] == pytest.approx(want["neglected_mass_sum"], rel=1e-5, abs=1e-7)
-        assert len(got["neglected_mass_max"]) == 2 and max(got["neglected_mass_max"]) > 0
+        assert len(got["neglected_mass_max"]) == ranks - ("tp" in config) and max(got["neglected_mass_max"]) > 0
     else:
         assert got["neglected_mass_sum"] is None is want["neglected_mass_sum"]
     parts = lambda s: {k for k in s["breakdown_s"] if ":" not in k}  # noqa: E731
     assert parts(got) == parts(want) == FUSION_PARTS | {"resync"}
+    # where the searches ran: shared out between the leaders, or all on the main leader
+    here = [json.loads(Path(f"{stats}.rank{r}" if r else stats).read_text())["rows_fused_here"] for r in range(ranks)]
+    leaders = [0, 2, 3] if "tp" in config else list(range(ranks))
+    assert sum(here) == got["fused_rows"] == want["rows_fused_here"]
+    if "exact" in config or "plain" in config or "configs/" in config:
+        assert here[0] == got["fused_rows"]
+    else:
+        assert all(here[r] > 0 for r in leaders) and sum(here[r] for r in leaders) == got["fused_rows"]
 
 
 def test_sampled_generation_under_the_launcher_is_the_single_process_one(home, tmp_path):

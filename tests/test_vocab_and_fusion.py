@@ -170,6 +170,36 @@ def test_search_gathered_per_row_equals_the_dense_product(monkeypatch):
     torch.testing.assert_close(stats["include_logits"], dense_stats["include_logits"])
 
 
+def test_a_row_fused_from_its_summary_is_the_row_fused_from_its_logits():
+    """split_fusion moves summaries, not logits (deepen/summary.py): through the wire form the
+    relative vectors and the search's tokens are those computed from the logits, to the bit for
+    the same rows; rows shared out between two owners get the same tokens as all rows together."""
+    from runtime.deepen import search
+    from runtime.deepen.fusion import relative_fast
+    from runtime.deepen.relative import LowRankTransfer
+    from runtime.deepen.summary import Summary, relative_from, summarize
+    torch.manual_seed(2)
+    t = LowRankTransfer.build(torch.randn(400, 16), torch.arange(0, 400, 2), clusters=8)
+    logits = torch.randn(6, 400) * 1.5
+    s = search.SearchSettings(eta=0.3, steps=5)
+    wire = Summary.unpack(summarize(logits, t, 64, search=True).pack(), 64, 8, True)
+    r, neglected = relative_fast(logits, t, 1e-3, 64)
+    r2, neglected2 = relative_from(wire, t, 1e-3)
+    assert torch.equal(r, r2) and torch.equal(neglected, neglected2) and neglected.max() > 0
+    other = relative_fast(torch.randn(6, 400) * 4, t, 1e-3, 64)[0]   # a second member, disagreeing
+    mixed = 0.5 * r + 0.5 * other
+    tokens, _ = search.search_fast(logits, mixed, t, s, 1e-3, 64)
+    assert torch.equal(tokens, search.search_from(wire, mixed, t, s, 1e-3)[0])
+    assert not torch.equal(tokens, logits.argmax(-1))   # the search moved some row
+    shared = torch.empty_like(tokens)
+    for rows in (torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])):
+        part = wire.select(rows)
+        r_part, _ = relative_from(part, t, 1e-3)
+        torch.testing.assert_close(r_part, r[rows], rtol=1e-5, atol=1e-7)
+        shared[rows] = search.search_from(part, 0.5 * r_part + 0.5 * other[rows], t, s, 1e-3)[0]
+    assert torch.equal(shared, tokens)
+
+
 def test_the_anchors_key_comes_from_content_not_paths_or_times(tiny, tmp_path):
     """A member copied to another directory (new path, new times) keys the same anchors; a
     changed weight file does not. The checksums are computed once per file and remembered."""

@@ -15,6 +15,7 @@ def rank_run(engine, seconds: float, results: list) -> dict:
     lane, = engine.lanes.values()
     return {"rank": engine.exchange.world.rank, "member": lane.member.name, "seconds": seconds,
             "steps": engine.steps, "tokens": tokens, "breakdown_s": engine.breakdown(),
+            "rows_fused_here": int(getattr(engine.fuser, "rows_fused_here", 0)),
             "ttft_s": statistics.median(r.first_token_s for r in results) if results else None,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -36,14 +37,15 @@ def summarize_ranks(batch: int, runs: list[list[dict]]) -> dict:
         share = {k: statistics.median(r["breakdown_s"].get(k, 0.0) for r in mine) / total for k in keys}
         out["ranks"].append({"rank": rank, "member": mine[0]["member"], "share": share,
                              "communication_share": sum(share.get(k, 0.0) for k in COMMUNICATION),
+                             "rows_fused_here": statistics.median(r.get("rows_fused_here", 0) for r in mine),
                              "peak_rss_mb": max(r["peak_rss_mb"] for r in mine)})
     return out
 
 
 def rank_table(result: dict) -> str:
     lines = ["| batch | tok/s (min/med/max) | step s (med) | rank | member | forward+prefill | "
-             "relative | search | resync | communication + wait | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "relative | search | resync | busy / communication + wait | rows fused here | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["batches"]:
         t = row["tokens_per_s"]
         for i, r in enumerate(row["ranks"]):
@@ -53,7 +55,8 @@ def rank_table(result: dict) -> str:
                     f"{row['step_s']['median']:.3f} |" if i == 0 else "| | | |")
             lines.append(f"{head} {r['rank']} | {r['member']} | {fwd:.1%} | {s.get('relative', 0):.1%} | "
                          f"{s.get('search', 0):.1%} | {s.get('resync', 0):.1%} | "
-                         f"{r['communication_share']:.1%} | {r['peak_rss_mb']:.0f} |")
+                         f"{1 - r['communication_share']:.1%} / {r['communication_share']:.1%} | "
+                         f"{r.get('rows_fused_here', 0):g} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

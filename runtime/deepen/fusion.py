@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .relative import tail_by_cluster
 from .search import SearchSettings, candidate_margin, search_exact, search_fast
+from .split import splits, step_split
+from .summary import aggregate, relative_from, summarize
 
 
 def relative_exact(logits: torch.Tensor, transfer) -> torch.Tensor:
@@ -36,29 +37,8 @@ def relative_exact(logits: torch.Tensor, transfer) -> torch.Tensor:
 
 
 def relative_fast(logits: torch.Tensor, transfer, mass_epsilon: float, max_support: int):
-    """r = p @ P over the smallest top-k holding 1 - mass_epsilon of p (at most max_support);
-    the rest of p enters cluster by cluster, each cluster's mass times its mean row of P.
-    Returns (r, neglected mass per row: what was not computed row by row)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    k0 = min(max_support, probs.shape[1])
-    top_probs, top_ids = probs.topk(k0, dim=-1)
-    cum = top_probs.cumsum(-1)
-    k = ((cum < 1 - mass_epsilon).sum(-1) + 1).clamp(max=k0)
-    live = torch.arange(k0, device=probs.device)[None, :] < k[:, None]
-    neglected = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
-    uniq, inverse = torch.unique(top_ids[live], return_inverse=True)
-    weights = probs.new_zeros(probs.shape[0], len(uniq))
-    weights[live.nonzero(as_tuple=True)[0], inverse] = top_probs[live]
-    tail = tail_by_cluster(probs, top_ids, live, transfer.cluster_of, transfer.cluster_rows.shape[0])
-    r = transfer.weighted(uniq, weights) + tail @ transfer.cluster_rows
-    return r, neglected
-
-
-def aggregate(relatives: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    out = torch.zeros_like(relatives[0])
-    for w, r in zip(weights, relatives):
-        out += w * r
-    return out
+    """Fast mode's relative vectors and neglected mass per row, from (F, |V|) logits (summary.py)."""
+    return relative_from(summarize(logits, transfer, max_support), transfer, mass_epsilon)
 
 
 @dataclass
@@ -67,6 +47,7 @@ class FastSettings:
     max_support: int = 256
     skip_decided: bool = True   # a row whose top logit leads by more than the search can move: no fusion
     skip_agreeing: bool = False  # a row where every member's argmax is the same token: no fusion (not exact)
+    split_fusion: bool = False   # several leaders (the launcher): each fuses a share of the rows (split.py)
 
 
 @dataclass
@@ -124,6 +105,7 @@ class Fuser:
         self.seconds: dict[str, float] = defaultdict(float)
         self.decided_rows = 0   # rows skipped because their token was decided (fast mode)
         self.agreeing_rows = 0  # rows skipped because every member's argmax agreed (skip_agreeing)
+        self.rows_fused_here = 0   # rows whose search ran in this process (split.py shares them out)
         self._anchor_column: dict[int, torch.Tensor] = {}
 
     def forget_rows(self):
@@ -210,6 +192,11 @@ class Fuser:
         log-probabilities, where the tokens are decided (the main leader)."""
         logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
         batch = batch if batch is not None else len(next(iter(logits.values())))
+        if splits(self, exchange, sampler, include):   # the rows shared out between leaders
+            done = step_split(self, logits, skip, exchange, batch)
+            with self.timed("broadcast"):
+                return exchange.share_tokens(None if done is None else StepResult(done[0], done[1], None, None, done[2]),
+                                             batch)
         main = logits.get(0)
         fuse = None
         with self.timed("rules"):
@@ -236,6 +223,7 @@ class Fuser:
                     stats["neglected_mass"] = [p[1] for p in parts]  # tensors: no host transfer
             with self.timed("search"):
                 result = self.decide(main, r, fuse, stats, include, sampler)
+            self.rows_fused_here += 0 if r is None else len(r)
         with self.timed("broadcast"):
             return exchange.share_tokens(result, batch)
 

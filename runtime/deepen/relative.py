@@ -48,15 +48,6 @@ def dense_transfer_matrix(emb: torch.Tensor, anchor_ids: torch.Tensor,
     return out
 
 
-def tail_by_cluster(probs: torch.Tensor, top_ids: torch.Tensor, live: torch.Tensor,
-                    cluster_of: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """(B, C): the probability of the tokens outside each row's support (`top_ids` where `live`),
-    summed per embedding cluster: how fast mode accounts for the tokens it does not compute."""
-    mass = probs.new_zeros(probs.shape[0], n_clusters).index_add_(1, cluster_of, probs)
-    taken = torch.where(live, probs.gather(1, top_ids), probs.new_zeros(()))
-    return mass.scatter_add_(1, cluster_of[top_ids], -taken).clamp_min_(0)
-
-
 def kmeans_clusters(unit: torch.Tensor, clusters: int, iterations: int = 8, seed: int = 0) -> torch.Tensor:
     """Cluster id of every (unit-norm) row: spherical k-means, deterministic (seeded start)."""
     n = unit.shape[0]

@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .relative import tail_by_cluster
+from .summary import Summary, summarize, tail_of
 
 PAD_LOGIT = -1.0e4  # padding entries of a batched fast search: softmax weight exactly 0
 GATHER_BYTES = int(float(os.environ.get("DEEPEN_SEARCH_GATHER_MB", "2048")) * 2**20)  # see search_fast
@@ -123,36 +123,41 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
     column outside the live support holds its starting logit): the fused distribution, with
     the rest of the vocabulary frozen at the main model's logits.
     """
-    z0 = main_logits.detach().float()
-    rows_n = z0.shape[0]
-    k0 = min(max_support, z0.shape[1])
-    top_z, top_ids = z0.topk(k0, dim=-1)
-    lse = torch.logsumexp(z0, dim=-1, keepdim=True)
+    summary = summarize(main_logits, transfer, max_support, relative=False, search=True)
+    return search_from(summary, r, transfer, s, mass_epsilon, include, keep, main_logits)
+
+
+def search_from(m: Summary, r: torch.Tensor, transfer, s: SearchSettings, mass_epsilon: float = 1e-4,
+                include: torch.Tensor | None = None, keep: bool = False, main_logits: torch.Tensor | None = None):
+    """`search_fast` from the main member's summary (summary.py); `include` needs the logits."""
+    rows_n, k0 = m.z.shape
+    top_z, top_ids, lse = m.z, m.z_ids, m.lse
     cum = torch.exp(top_z - lse).cumsum(-1)
     k_mass = (cum < 1 - mass_epsilon).sum(-1) + 1
     k_cand = (top_z >= top_z[:, :1] - candidate_margin(s)).sum(-1)
     capped = k_cand >= k0
     k = torch.maximum(k_mass, k_cand).clamp(max=k0)
     k_max = int(k.max())
-    live = torch.arange(k_max, device=z0.device)[None, :] < k[:, None]
+    live = torch.arange(k_max, device=top_z.device)[None, :] < k[:, None]
     tail_mass = (1 - cum.gather(1, (k - 1)[:, None])).clamp_min(0).squeeze(1)
-    ids, start = top_ids[:, :k_max], top_z[:, :k_max]
+    ids, start, taken = top_ids[:, :k_max], top_z[:, :k_max], m.z_probs[:, :k_max]
     if include is not None:  # extra columns, live where the prefix does not hold them already
+        z0 = main_logits.detach().float()
         include = include.to(z0.device)
         extra = include[None, :].expand(rows_n, -1)
         held = ((ids[:, :, None] == include[None, None, :]) & live[:, :, None]).any(1)
         ids, start = torch.cat([ids, extra], 1), torch.cat([start, z0.gather(1, extra)], 1)
+        taken = torch.cat([taken, torch.softmax(z0, dim=-1).gather(1, extra)], 1)
         live = torch.cat([live, ~held], 1)
         k_max = ids.shape[1]
     # the rest of the vocabulary: frozen, one term per embedding cluster (its probability, at
     # the cluster's mean row of P)
-    n_clusters = transfer.cluster_rows.shape[0]
-    tail = tail_by_cluster(torch.softmax(z0, dim=-1), ids, live, transfer.cluster_of, n_clusters)
+    tail = tail_of(m.mass, ids, taken, live, transfer.cluster_of)
     tail_logit = torch.where(tail > 1e-30, lse + tail.clamp_min(1e-30).log(),
                              torch.full_like(tail, PAD_LOGIT))
 
     uniq, inverse = torch.unique(ids[live], return_inverse=True)
-    index = torch.zeros(rows_n, k_max, dtype=torch.long, device=z0.device)
+    index = torch.zeros(rows_n, k_max, dtype=torch.long, device=top_z.device)
     index[live] = inverse
     # the frozen tail is one fixed direction per row: its clusters' rows, weighted by their share
     # of the tail; only its total weight changes as the support's logits move
@@ -184,7 +189,7 @@ def search_fast(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchS
         opt.zero_grad()
     z = z.detach().masked_fill(~live, float("-inf"))
     tokens = ids.gather(1, z.argmax(-1, keepdim=True)).squeeze(1)
-    searched = (ids, torch.where(live, z, z0.gather(1, ids))) if keep and include is None else None
+    searched = (ids, torch.where(live, z, start)) if keep and include is None else None
     # tensors on the search's device: a caller that wants numbers reads them (no per-step transfer)
     stats = {"support": k, "candidates": k_cand, "tail_mass": tail_mass, "capped": capped}
     if keep:

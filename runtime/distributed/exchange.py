@@ -66,6 +66,8 @@ class GroupExchange:
         self.is_root = world.rank == self.root
         self.leads = world.is_leader
         self.is_main = world.member == 0 and world.is_leader
+        self.leaders = len(world.layout.leaders)
+        self.position = world.member      # a leader's place among the leaders (member order)
         self.gathered_bytes = 0      # relative vectors received by the main leader, over the run
         self.row_steps = 0           # rows x steps
 
@@ -91,6 +93,37 @@ class GroupExchange:
         with self.phase("rows"):
             dist.broadcast(mask, self.root, group=self.world.leaders_group)
         return mask.bool()
+
+    def share_owners(self, owner: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The main leader's owner of each row (split_fusion; -1: not fused), on every leader."""
+        code = (owner + 1).to(torch.uint8) if owner is not None \
+            else torch.empty(batch, dtype=torch.uint8, device=self.device)
+        with self.phase("rows"):
+            dist.broadcast(code, self.root, group=self.world.leaders_group)
+        return code.long() - 1
+
+    def share_summaries(self, mine: dict, transfers: list, max_support: int) -> list:
+        """Every leader's member's summaries of the fused rows (split_fusion), on every leader,
+        in member order: one all-gather of (F, widest) fp32 blocks."""
+        from ..deepen.summary import Summary, support_size
+        (member, summary), = mine.items()
+        shapes = [(support_size(max_support, t), t.cluster_rows.shape[0], i == 0) for i, t in enumerate(transfers)]
+        widest = max(Summary.width(*shape) for shape in shapes)
+        packed = summary.pack()
+        block = packed.new_zeros(len(packed), widest)
+        block[:, :packed.shape[1]] = packed
+        received = [torch.empty_like(block) for _ in shapes]
+        with self.phase("gather"):
+            dist.all_gather(received, block, group=self.world.leaders_group)
+        self.gathered_bytes += block.numel() * block.element_size() * len(shapes)
+        self.row_steps += len(block)
+        return [Summary.unpack(t, *shape) for t, shape in zip(received, shapes)]
+
+    def merge_rows(self, merged: torch.Tensor) -> torch.Tensor:
+        """The owners' (B, 1 + members) rows, summed onto the main leader (split_fusion)."""
+        with self.phase("merge"):
+            dist.reduce(merged, self.root, op=dist.ReduceOp.SUM, group=self.world.leaders_group)
+        return merged
 
     def collect_keys(self, keys: dict, batch: int) -> list | None:
         """Every leader's (B,) int64 row keys (the agreement skip), on the main leader in member

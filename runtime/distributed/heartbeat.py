@@ -26,7 +26,7 @@ class Heartbeat:
     the next, every rank is slower than the timeout. The first step (warm-up: first kernels,
     allocations) and the start-up before it fall under the start-up timeout instead."""
 
-    PHASES = ("plan", "keys", "rows", "gather", "tokens")  # a step's collectives, in order
+    PHASES = ("plan", "keys", "rows", "gather", "merge", "tokens")  # a step's collectives, in order
     GRACE = 3.0   # seconds a stuck rank waits past the step timeout before it names itself
 
     def __init__(self, world, every: float = 0.25, stale: float = 10.0, on_dead=None,

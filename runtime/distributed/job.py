@@ -121,7 +121,11 @@ class Rank:
         found = broadcast_message(found)
         if found["error"]:
             die(w.describe, found["error"], 2)
-        fuser = make_fuser(self.cfg, members, Path(found["entry"]), only=w.member if w.is_leader else -1)
+        # a leader loads its own member's transfer; with split_fusion (fast mode, several
+        # leaders) every member's, since it fuses whole rows (deepen/split.py)
+        split = self.cfg.mode == "fast" and self.cfg.anchors.split_fusion and len(w.layout.leaders) > 1
+        only = (None if split else w.member) if w.is_leader else -1
+        fuser = make_fuser(self.cfg, members, Path(found["entry"]), only=only)
         return members, fuser
 
     def engine(self, members, fuser, batch: int) -> Engine:
@@ -257,6 +261,7 @@ def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, 
             engine = rank.engine(members, fuser, size)
             fuser.seconds.clear()
             fuser.forget_rows()   # every repetition starts with empty row stores
+            fuser.rows_fused_here = 0
             torch.distributed.barrier()
             t0 = time.perf_counter()
             results = engine.run([Request(i, p, tokens) for i, p in enumerate(batch_of(prompts, size))])

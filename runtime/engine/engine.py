@@ -63,6 +63,7 @@ class Engine:
         return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
                 "steps": self.steps, **self.stats, "decided_rows": int(getattr(self.fuser, "decided_rows", 0)),
                 "agreeing_rows": int(getattr(self.fuser, "agreeing_rows", 0)),
+                "rows_fused_here": int(getattr(self.fuser, "rows_fused_here", 0)),
                 "neglected_mass_sum": [n[0] for n in neglected] if neglected else None,
                 "neglected_mass_max": [n[1] for n in neglected] if neglected else None,
                 "breakdown_s": self.breakdown()}

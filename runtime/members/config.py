@@ -16,6 +16,7 @@ the file and the key (`ConfigError: configs/x.toml: members[1].tp_size: must be 
     skip_decided = true           # fast mode: no fusion where the main model's token is decided
     row_product = "auto"          # fast mode: "fp32" | "bf16" | "auto" (bf16 where it is fast)
     skip_agreeing = false         # no fusion where every member's argmax is the same token (not exact)
+    split_fusion = true           # under the launcher, fast mode: the leaders share out the fused rows
 
     [[members]]
     name = "gemma3-270m"
@@ -65,6 +66,7 @@ class AnchorConfig:
     skip_decided: bool = True
     row_product: str = "auto"
     skip_agreeing: bool = False
+    split_fusion: bool = True
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,7 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
     if row_product not in ROW_PRODUCTS:
         anc.fail("row_product", f"must be one of {', '.join(ROW_PRODUCTS)}, got {row_product!r}")
     skip_agreeing = anc.get("skip_agreeing", bool, False)
+    split_fusion = anc.get("split_fusion", bool, True)
     for key, value in (("max_anchors", max_anchors), ("row_cache", row_cache)):
         if value < 0:
             anc.fail(key, f"must be >= 0, got {value}")
@@ -235,7 +238,7 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
     anc.finish()
     return EnsembleConfig(members, main, weights, eta, steps, mode,
                           AnchorConfig(max_anchors, row_cache, mass_epsilon, max_support, skip_decided,
-                                       row_product, skip_agreeing))
+                                       row_product, skip_agreeing, split_fusion))
 
 
 def _explicit_weights(ens: _Reader, weights: dict, names: list[str]) -> dict[str, float]:

@@ -96,7 +96,7 @@ def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode:
     a = config.anchors
     return Fuser(transfers, config.member_weights(adapt_weights),
                  SearchSettings(eta=config.eta, steps=config.steps), mode,
-                 FastSettings(a.mass_epsilon, a.max_support, a.skip_decided, a.skip_agreeing),
+                 FastSettings(a.mass_epsilon, a.max_support, a.skip_decided, a.skip_agreeing, a.split_fusion),
                  members[0].eos_token_id)
 
 
