@@ -9,6 +9,11 @@ Per step, in order (B = rows in the batch, |A| = anchors):
   gather    each leader's relative vectors for the fused rows + fast mode's neglected mass,
             (F x (|A| + 1)) fp32, gathered to the main leader
   tokens    the chosen tokens and fused flags (2 x B int64), broadcast from the root to every rank
+With split_fusion (fast mode, several leaders; deepen/split.py) rows and gather become:
+  rows      each row's owner among the leaders (B bytes), broadcast over the leaders' group
+  gather    each leader's member's summaries of the fused rows (F x at most 5k + C + 1 fp32,
+            k = max_support, C = clusters), all-gathered: every leader gets every member's
+  merge     each owner's (token, neglected mass per member) rows, summed onto the main leader
 With replicas, all of this stays inside one replica: its root (main leader) plays rank 0's part.
 Ranks of a tensor-parallel member that are not its leader take part in control and tokens only.
 The control bytes are CPU tensors (gloo); the rest stays on the rank's device (NCCL on GPUs).
