@@ -326,8 +326,10 @@ def test_a_rank_stuck_inside_a_step_stops_every_rank_within_the_step_timeout(hom
     assert sorted(records(out_path)) == list(range(6))
 
 
-def test_bench_under_the_launcher_reports_every_rank(home, tmp_path):
-    pair = home / "pair-exact.toml"
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_bench_under_the_launcher_reports_every_rank(home, tmp_path, mode):
+    """Every rank's shares; fast mode shares the fused rows out (split_fusion): both leaders search."""
+    pair = home / f"pair-{mode}.toml"
     prompts(tmp_path / "p.jsonl", 3)
     out = tmp_path / "bench.json"
     proc = launch(home, 2, "launcher/run.py", "bench", "--config", str(pair), "--batch", "1,3",
@@ -345,5 +347,10 @@ def test_bench_under_the_launcher_reports_every_rank(home, tmp_path):
             assert all(0 <= v <= 1.01 for v in r["share"].values())
             assert 0 < r["communication_share"] < 1 and sum(r["share"].values()) <= 1.01
             assert any(k.startswith("forward:") for k in r["share"]) and r["peak_rss_mb"] > 0
-        assert "search" in row["ranks"][0]["share"] and "search" not in row["ranks"][1]["share"]
+        here = [r["rows_fused_here"] for r in row["ranks"]]
+        if mode == "exact":
+            assert "search" in row["ranks"][0]["share"] and "search" not in row["ranks"][1]["share"]
+            assert here[0] > 0 == here[1]
+        elif row["batch"] == 3:   # at batch 1 the one fused row goes to the assist
+            assert all("search" in r["share"] for r in row["ranks"]) and min(here) > 0
     assert "| 3 |" in text  # the table on rank 0's output

@@ -119,6 +119,19 @@ def test_bench_compare_cli_names_a_file_that_is_no_bench_result(tmp_path):
     assert run(good, good).returncode == 0
 
 
+def test_each_bench_run_counts_only_its_own_rows(tiny):
+    """The fuser lives across runs; a run's decided and fused row counts are that run's."""
+    from runtime.bench.bench import run_engine
+    from runtime.deepen.search import SearchSettings
+    cfg, members, entry, _ = tiny
+    fuser = make_fuser(cfg, members, entry, "fast")
+    fuser.search = SearchSettings(eta=0.02)   # a small bound: some rows are decided
+    first, second = (run_engine(members, fuser, PROMPTS[:3], 3, 4) for _ in range(2))
+    assert first["decided_rows"] > 0 and first["fused_rows"] > 0
+    assert [first[k] for k in ("rows", "fused_rows", "decided_rows")] == \
+        [second[k] for k in ("rows", "fused_rows", "decided_rows")]
+
+
 def test_bench_interleaves_series_and_decodes_what_the_engine_decodes(tiny):
     """Every series gets `repeat` runs, one repetition of all series after another; each series
     decodes the tokens the engine gives on the same prompts; comparisons not run show "–"."""
@@ -126,12 +139,12 @@ def test_bench_interleaves_series_and_decodes_what_the_engine_decodes(tiny):
     cfg, members, entry, _ = tiny
     fuser = make_fuser(cfg, members, entry, "fast")
     lines = []
-    out = bench(members, fuser, PROMPTS[:3], [2], new_tokens=3, repeat=2, compare=("members",),
+    out = bench(members, fuser, PROMPTS[:3], [1, 2], new_tokens=3, repeat=2, compare=("members",),
                 log=lines.append)
     names = [m.name for m in members]
     order = [line.split(": ", 1)[1] for line in lines if line.startswith("batch 2")]
     assert order == [f"{n} {r}/2" for r in (1, 2) for n in ["ensemble"] + [f"{m} alone" for m in names]]
-    row, = out["batches"]
+    row = out["batches"][1]   # after batch 1's runs on the same fuser: its counts are its own
     assert set(row["members"]) == set(names)
     tokens = lambda ms, f: sum(len(r.ids) for r in Engine(ms, f, 2).run(  # noqa: E731
         [Request(i, p, 3) for i, p in enumerate(PROMPTS[:2])]))

@@ -50,8 +50,8 @@ FUSION_PARTS = ("rules", "relative", "search")   # the fusion itself (one proces
 
 
 def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int, sampling=GREEDY) -> dict:
-    if hasattr(fuser, "seconds"):
-        fuser.seconds.clear()
+    if hasattr(fuser, "reset_counts"):   # this run's time per part and row counts, not the fuser's so far
+        fuser.reset_counts()
     if hasattr(fuser, "forget_rows"):   # every repetition starts with empty row stores
         fuser.forget_rows()
     engine = Engine(members, fuser, max_batch=batch)

@@ -108,6 +108,11 @@ class Fuser:
         self.rows_fused_here = 0   # rows whose search ran in this process (split.py shares them out)
         self._anchor_column: dict[int, torch.Tensor] = {}
 
+    def reset_counts(self):
+        """Zero the time per part and the row counters: a bench run reports its own."""
+        self.seconds.clear()
+        self.decided_rows = self.agreeing_rows = self.rows_fused_here = 0
+
     def forget_rows(self):
         """Empty the members' row stores: a bench repetition starts as a new job would."""
         for transfer in self.transfers:

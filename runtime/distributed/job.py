@@ -259,9 +259,8 @@ def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, 
 
         def once(size: int, tokens: int) -> dict:
             engine = rank.engine(members, fuser, size)
-            fuser.seconds.clear()
+            fuser.reset_counts()
             fuser.forget_rows()   # every repetition starts with empty row stores
-            fuser.rows_fused_here = 0
             torch.distributed.barrier()
             t0 = time.perf_counter()
             results = engine.run([Request(i, p, tokens) for i, p in enumerate(batch_of(prompts, size))])
