@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .search import SearchSettings, candidate_margin, search_exact, search_fast
-from .split import splits, step_split
+from .split import NOT_FUSED, fuse_shared, owners, splits
 from .summary import aggregate, relative_from, summarize
 
 
@@ -197,11 +197,7 @@ class Fuser:
         log-probabilities, where the tokens are decided (the main leader)."""
         logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
         batch = batch if batch is not None else len(next(iter(logits.values())))
-        if splits(self, exchange, sampler, include):   # the rows shared out between leaders
-            done = step_split(self, logits, skip, exchange, batch)
-            with self.timed("broadcast"):
-                return exchange.share_tokens(None if done is None else StepResult(done[0], done[1], None, None, done[2]),
-                                             batch)
+        split = splits(self, exchange, sampler, include)   # the rows shared out between leaders (split.py)
         main = logits.get(0)
         fuse = None
         with self.timed("rules"):
@@ -212,7 +208,16 @@ class Fuser:
         parts = None
         if exchange.leads:
             with self.timed("gather"):
-                fuse = exchange.share_rows(fuse, batch)
+                if split:
+                    owner = exchange.share_owners(None if fuse is None else owners(fuse, exchange.leaders), batch)
+                    fuse = owner != NOT_FUSED
+                else:
+                    fuse = exchange.share_rows(fuse, batch)
+            if split and (owner >= 0).any():
+                done = fuse_shared(self, logits, owner, exchange, batch)
+                with self.timed("broadcast"):
+                    return exchange.share_tokens(None if done is None else StepResult(done[0], fuse, None, None, done[1]),
+                                                 batch)
             if fuse.any():
                 rows = fuse.nonzero(as_tuple=True)[0]
                 with self.timed("relative"):

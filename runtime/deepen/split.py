@@ -9,7 +9,9 @@ its fused rows (summary.py: a few kilobytes per row instead of a 4 x |A|-byte re
 so every leader holds every member's transfer (the memory this trades for time).
 
     rules      the main leader picks the rows to fuse, as in the plain step
-    owners     each fused row's owner, from the main leader to every leader
+    owners     each fused row's owner, from the main leader to every leader; with fewer fused
+               rows than leaders, none: the plain step's relative vectors, computed member by
+               member in parallel, are faster than one leader computing all of them
     summaries  each leader's member's summaries of the fused rows, to every leader
     fuse       each leader, for the rows it owns: every member's r_i, r = sum_i w_i r_i, search
     merge      each owner's tokens (and neglected mass) summed onto the main leader
@@ -33,14 +35,21 @@ def splits(fuser, exchange, sampler, include) -> bool:
             and sampler is None and include is None)
 
 
+NOT_FUSED, PLAIN = -1, -2   # owner codes: a row not fused; a row fused by the plain step
+
+
 def owners(fuse: torch.Tensor, leaders: int) -> torch.Tensor:
-    """(B,) int64: each fused row's owner (a leader's position, in member order), -1 elsewhere.
+    """(B,) int64: each fused row's owner (a leader's position, in member order), -1 elsewhere;
+    PLAIN for every fused row when there are fewer of them than leaders (module doc).
     A row's home is fixed by its place in the batch, so a sequence is fused where its previous
     steps were and finds their rows of P in that leader's row stores; then rows move from the
     leaders holding more than their share to those holding less. When the rows do not divide
     evenly the main leader, whose forward pass is usually the longest, takes the fewest."""
-    owner = torch.full(fuse.shape, -1, dtype=torch.long)
+    owner = torch.full(fuse.shape, NOT_FUSED, dtype=torch.long)
     rows = fuse.nonzero(as_tuple=True)[0].tolist()
+    if len(rows) < leaders:
+        owner[rows] = PLAIN
+        return owner.to(fuse.device)
     share = [len(rows) // leaders + (p >= leaders - len(rows) % leaders) for p in range(leaders)]
     mine = [[] for _ in range(leaders)]
     for row in rows:
@@ -55,47 +64,35 @@ def owners(fuse: torch.Tensor, leaders: int) -> torch.Tensor:
     return owner.to(fuse.device)
 
 
-def step_split(fuser, logits: dict, skip, exchange, batch: int):
-    """Fuser.step's protocol with shared rows (module doc), up to the tokens' broadcast: returns
-    (tokens, fused rows, stats) on the main leader, None elsewhere."""
+def fuse_shared(fuser, logits: dict, owner: torch.Tensor, exchange, batch: int):
+    """The shared rows' summaries, fusion and merge (module doc), after the owners are known.
+    Returns, on the main leader, (B,) tokens (the main model's own argmax where not fused) and
+    the stats; None elsewhere."""
+    rows = (owner >= 0).nonzero(as_tuple=True)[0]
+    ms = fuser.fast.max_support
+    with fuser.timed("relative"):
+        mine = {i: summarize(l[rows], fuser.transfers[i], ms, search=i == 0) for i, l in logits.items()}
+    with fuser.timed("gather"):
+        summaries = exchange.share_summaries(mine, fuser.transfers, ms)
+    ours = (owner[rows] == exchange.position).nonzero(as_tuple=True)[0]
+    fuser.rows_fused_here += len(ours)
+    merged = torch.zeros(batch, 1 + len(summaries), device=rows.device)
+    if len(ours):
+        with fuser.timed("relative"):
+            parts = [relative_from(s.select(ours), t, fuser.fast.mass_epsilon)
+                     for s, t in zip(summaries, fuser.transfers)]
+            r = aggregate([p[0] for p in parts], fuser.weights)
+        with fuser.timed("search"):
+            chosen, _ = search_from(summaries[0].select(ours), r, fuser.transfers[0], fuser.search,
+                                    fuser.fast.mass_epsilon)
+        # tokens travel as fp32 (exact below 2**24, summary.py); one owner per row, so the sum
+        # over the leaders adds only zeros to each value
+        merged[rows[ours]] = torch.cat([chosen.float()[:, None], torch.stack([p[1] for p in parts], 1)], 1)
+    with fuser.timed("gather"):
+        merged = exchange.merge_rows(merged)
     main = logits.get(0)
-    fuse = None
-    with fuser.timed("rules"):
-        agree = fuser.members_agree(logits, exchange, batch)
-        if main is not None:
-            fuse = fuser.rows_to_fuse(main, skip, agree)
-    result = None
-    if exchange.leads:
-        with fuser.timed("gather"):
-            owner = exchange.share_owners(None if fuse is None else owners(fuse, exchange.leaders), batch)
-        rows = (owner >= 0).nonzero(as_tuple=True)[0]
-        merged = None
-        if len(rows):
-            ms = fuser.fast.max_support
-            with fuser.timed("relative"):
-                mine = {i: summarize(l[rows], fuser.transfers[i], ms, search=i == 0) for i, l in logits.items()}
-            with fuser.timed("gather"):
-                summaries = exchange.share_summaries(mine, fuser.transfers, ms)
-            ours = (owner[rows] == exchange.position).nonzero(as_tuple=True)[0]
-            fuser.rows_fused_here += len(ours)
-            merged = torch.zeros(batch, 1 + len(summaries), device=rows.device)
-            if len(ours):
-                with fuser.timed("relative"):
-                    parts = [relative_from(s.select(ours), t, fuser.fast.mass_epsilon)
-                             for s, t in zip(summaries, fuser.transfers)]
-                    r = aggregate([p[0] for p in parts], fuser.weights)
-                with fuser.timed("search"):
-                    chosen, _ = search_from(summaries[0].select(ours), r, fuser.transfers[0], fuser.search,
-                                            fuser.fast.mass_epsilon)
-                # tokens travel as fp32 (exact below 2**24, summary.py); one owner per row, so the
-                # sum over leaders adds zeros to every value
-                merged[rows[ours]] = torch.cat([chosen.float()[:, None], torch.stack([p[1] for p in parts], 1)], 1)
-            with fuser.timed("gather"):
-                merged = exchange.merge_rows(merged)
-        if main is not None:
-            tokens, stats = main.float().argmax(-1), {}
-            if merged is not None:
-                tokens[rows] = merged[rows, 0].long()
-                stats["neglected_mass"] = [merged[rows, 1 + i] for i in range(merged.shape[1] - 1)]
-            result = tokens, fuse, stats
-    return result
+    if main is None:
+        return None
+    tokens = main.float().argmax(-1)
+    tokens[rows] = merged[rows, 0].long()
+    return tokens, {"neglected_mass": [merged[rows, 1 + i] for i in range(merged.shape[1] - 1)]}

@@ -100,12 +100,13 @@ class GroupExchange:
         return mask.bool()
 
     def share_owners(self, owner: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """The main leader's owner of each row (split_fusion; -1: not fused), on every leader."""
-        code = (owner + 1).to(torch.uint8) if owner is not None \
+        """The main leader's owner of each row (split_fusion; deepen/split.py's codes: a leader's
+        position, NOT_FUSED or PLAIN, all >= -2), on every leader, as B bytes."""
+        code = (owner + 2).to(torch.uint8) if owner is not None \
             else torch.empty(batch, dtype=torch.uint8, device=self.device)
         with self.phase("rows"):
             dist.broadcast(code, self.root, group=self.world.leaders_group)
-        return code.long() - 1
+        return code.long() - 2
 
     def share_summaries(self, mine: dict, transfers: list, max_support: int) -> list:
         """Every leader's member's summaries of the fused rows (split_fusion), on every leader,
