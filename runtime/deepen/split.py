@@ -39,8 +39,8 @@ NOT_FUSED, PLAIN = -1, -2   # owner codes: a row not fused; a row fused by the p
 
 
 def owners(fuse: torch.Tensor, leaders: int) -> torch.Tensor:
-    """(B,) int64: each fused row's owner (a leader's position, in member order), -1 elsewhere;
-    PLAIN for every fused row when there are fewer of them than leaders (module doc).
+    """(B,) int64: each fused row's owner (a leader's position, in member order), NOT_FUSED for
+    the other rows; PLAIN for every fused row when there are fewer of them than leaders.
     A row's home is fixed by its place in the batch, so a sequence is fused where its previous
     steps were and finds their rows of P in that leader's row stores; then rows move from the
     leaders holding more than their share to those holding less. When the rows do not divide
