@@ -28,10 +28,16 @@ from .search import search_from
 from .summary import aggregate, relative_from, summarize
 
 
+def shares_rows(mode: str, split_fusion: bool, leaders: int) -> bool:
+    """Whether a run shares its fused rows out (then every leader loads every member's transfer):
+    fast mode, the knob on, several leaders."""
+    return mode == "fast" and split_fusion and leaders > 1
+
+
 def splits(fuser, exchange, sampler, include) -> bool:
-    """Whether this step shares its rows out: fast mode, the knob on, several leaders, greedy
-    rows (a sampler wants every row's final logits on the main leader)."""
-    return (fuser.mode == "fast" and fuser.fast.split_fusion and getattr(exchange, "leaders", 1) > 1
+    """Whether this step shares its rows out: a run that does (shares_rows), and greedy rows (a
+    sampler wants every row's final logits on the main leader)."""
+    return (shares_rows(fuser.mode, fuser.fast.split_fusion, getattr(exchange, "leaders", 1))
             and sampler is None and include is None)
 
 

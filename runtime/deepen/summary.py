@@ -71,8 +71,6 @@ def summarize(logits: torch.Tensor, transfer, max_support: int, relative: bool =
               search: bool = False) -> Summary:
     """What fast mode reads of (F, |V|) logits (module doc): for a relative vector and (`search`,
     the main member) for the search."""
-    if transfer.num_tokens > EXACT_IDS:
-        raise ValueError(f"a vocabulary of {transfer.num_tokens} tokens: ids past 2**24 do not travel as fp32")
     z0 = logits.float()
     probs = torch.softmax(z0, dim=-1)
     k0 = support_size(max_support, transfer)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from ..bench.ranks import COMMUNICATION
+from ..deepen.split import shares_rows
+from ..deepen.summary import EXACT_IDS
 from ..engine.engine import Engine
 from ..engine.lane import Lane
 from ..engine.sequence import Request
@@ -123,9 +125,15 @@ class Rank:
             die(w.describe, found["error"], 2)
         # a leader loads its own member's transfer; with split_fusion (fast mode, several
         # leaders) every member's, since it fuses whole rows (deepen/split.py)
-        split = self.cfg.mode == "fast" and self.cfg.anchors.split_fusion and len(w.layout.leaders) > 1
+        split = shares_rows(self.cfg.mode, self.cfg.anchors.split_fusion, len(w.layout.leaders))
         only = (None if split else w.member) if w.is_leader else -1
         fuser = make_fuser(self.cfg, members, Path(found["entry"]), only=only)
+        if split:   # summaries carry token ids as fp32 (deepen/summary.py)
+            for m, t in zip(members, fuser.transfers):
+                if t is not None and t.num_tokens > EXACT_IDS:
+                    die(w.describe, f"{self.cfg.path}: anchors.split_fusion: member {m.name!r} has "
+                                    f"{t.num_tokens} tokens, past the 2**24 that travel exactly as fp32; "
+                                    "set split_fusion = false", 2)
         return members, fuser
 
     def engine(self, members, fuser, batch: int) -> Engine:
