@@ -3,7 +3,7 @@
     deepspeed --num_accelerators 2 launcher/run.py --config C --input I --output O [--resume]
     deepspeed --hostfile hostfiles/a100x16 launcher/run.py --config C --input I --output O
     torchrun --nproc_per_node 2 launcher/run.py --config C --input I --output O
-    deepspeed --num_accelerators 2 launcher/run.py bench --config C
+    deepspeed --num_accelerators 2 launcher/run.py bench --config C [--micro-batches 1,2]
 
 The config's members' tp_size values must add up to the world size (main member first).
 Rank 0 alone reads --input and writes --output. Any rank that fails stops the job: it prints
@@ -46,11 +46,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--threads", type=int, help="torch threads per rank (default: this node's cores / its ranks)")
 @click.option("--stats", type=click.Path(dir_okay=False),
               help="write each rank's figures here as JSON (rank r > 0 at PATH.rank<r>)")
+@click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(min=1),
+              help="split the rows in flight into this many micro-batches, pipelined: one's forward "
+                   "passes run while another's fusion is shared out (docs/performance.md: when it pays)")
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
 @sampling_options
 def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
-         stop, startup_timeout, step_timeout, threads, stats, local_rank, temperature, top_p, top_k, seed, n,
-         logprobs):
+         stop, startup_timeout, step_timeout, threads, stats, micro_batches, local_rank, temperature, top_p, top_k,
+         seed, n, logprobs):
     """Run `deepen generate` across ranks: each member in its own tensor-parallel group."""
     from runtime.distributed.job import generate
     try:
@@ -60,7 +63,7 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
         sys.exit(2)
     generate(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
              tuple(parse_stop(s) for s in stop), startup_timeout, step_timeout, threads, stats,
-             sampling=sampling, seed=seed)
+             sampling=sampling, seed=seed, micro_batches=micro_batches)
 
 
 @click.command(context_settings=CONTEXT)
@@ -74,16 +77,27 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
 @click.option("--startup-timeout", default=1800.0, show_default=True)
 @click.option("--step-timeout", default=120.0, show_default=True)
 @click.option("--threads", type=int, help="torch threads per rank (default: this node's cores / its ranks)")
+@click.option("--micro-batches", default="1", show_default=True,
+              help="comma-separated: each batch size is timed once per entry (1: not pipelined; 1,2: "
+                   "both, side by side)")
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
 def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, startup_timeout, step_timeout,
-               threads, local_rank):
+               threads, micro_batches, local_rank):
     """`deepen bench` across ranks: tokens/s from rank 0, and every rank's own breakdown
     (forward, relative, search, resync, communication + wait) and peak memory.
 
         deepspeed --num_accelerators 2 launcher/run.py bench --config configs/smol-gemma.toml
     """
     from runtime.distributed.job import bench
-    bench(config_path, batch, new_tokens, prompts_path, repeat, output, startup_timeout, step_timeout, threads)
+    try:
+        if min(int(m) for m in micro_batches.split(",")) < 1:
+            raise ValueError
+    except ValueError:
+        click.echo(f"error: --micro-batches: want positive integers separated by commas, got {micro_batches!r}",
+                   err=True)
+        sys.exit(2)
+    bench(config_path, batch, new_tokens, prompts_path, repeat, output, startup_timeout, step_timeout, threads,
+          micro_batches)
 
 
 def _entry():

@@ -148,14 +148,16 @@ def test_each_rank_materialises_only_its_shard(home, tmp_path):
     assert full_mb < whole2 and sharded1 < full_mb + 64
 
 
-@pytest.mark.parametrize("ranks,config", [(2, "pair-exact"), (2, "pair-fast"), (2, "pair-plain"),
-                                          (2, "pair-agree"), (3, "configs/tiny.toml"), (3, "tiny-fast"),
-                                          (4, "configs/tiny-tp.toml"), (4, "tiny-tp-fast")])
-def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path, ranks, config):
+@pytest.mark.parametrize("ranks,config,micro", [
+    (2, "pair-exact", 1), (2, "pair-fast", 1), (2, "pair-plain", 1), (2, "pair-agree", 1),
+    (3, "configs/tiny.toml", 1), (3, "tiny-fast", 1), (4, "configs/tiny-tp.toml", 1), (4, "tiny-tp-fast", 1),
+    (2, "pair-fast", 2), (2, "pair-exact", 2), (4, "tiny-tp-fast", 2), (3, "tiny-fast", 3)])
+def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path, ranks, config, micro):
     """Same completions, finish reasons and fused steps; same counts of rows fused and of the
     mass fast mode neglected; the same timing parts. Fast mode shares the fused rows out between
     the leaders (split_fusion) except in pair-plain; tiny-tp: the main member at tp 2; pair-agree:
-    the agreement skip, the assists' argmaxes gathered before the rows are picked."""
+    the agreement skip, the assists' argmaxes gathered before the rows are picked. micro > 1:
+    the batch pipelined in that many micro-batches (engine/pipeline.py), same tokens."""
     config = config if config.startswith("configs/") else str(home / f"{config}.toml")
     inp = tmp_path / "in.jsonl"
     prompts(inp, 7)
@@ -166,14 +168,15 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     multi = tmp_path / "multi.jsonl"
     stats = tmp_path / "stats.json"
     proc = launch(home, ranks, "launcher/run.py", "--config", config, "--input", str(inp),
-                  "--output", str(multi), "--batch", "3", "--stats", str(stats))
+                  "--output", str(multi), "--batch", str(3 * micro), "--stats", str(stats),
+                  "--micro-batches", str(micro))   # micro-batches of 3 rows, as the single process's batch
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert records(multi) == records(single)
     got, want = json.loads(stats.read_text()), json.loads(single_stats.read_text())
     assert got["world_size"] == ranks
-    for key in ("steps", "rows", "fused_rows", "tokens", "decided_rows", "agreeing_rows"):
-        assert got[key] == want[key], key
+    for key in ("steps", "rows", "fused_rows", "tokens", "decided_rows", "agreeing_rows")[micro > 1:]:
+        assert got[key] == want[key], key   # pipelined, a step is a round of the micro-batches
     assert (got["agreeing_rows"] > 0) == ("agree" in config)
     assert 0 < got["fused_rows"] <= got["rows"]
     if "exact" not in config and "configs/" not in config:
@@ -328,17 +331,22 @@ def test_a_rank_stuck_inside_a_step_stops_every_rank_within_the_step_timeout(hom
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_bench_under_the_launcher_reports_every_rank(home, tmp_path, mode):
-    """Every rank's shares; fast mode shares the fused rows out (split_fusion): both leaders search."""
+    """Every rank's shares; fast mode shares the fused rows out (split_fusion): both leaders
+    search; it also times batch 3 pipelined (--micro-batches 1,2), which decodes the same tokens."""
     pair = home / f"pair-{mode}.toml"
     prompts(tmp_path / "p.jsonl", 3)
     out = tmp_path / "bench.json"
+    micro = ["--micro-batches", "1,2"] if mode == "fast" else []
     proc = launch(home, 2, "launcher/run.py", "bench", "--config", str(pair), "--batch", "1,3",
                   "--new-tokens", "5", "--repeat", "2", "--prompts", str(tmp_path / "p.jsonl"),
-                  "--output", str(out))
+                  "--output", str(out), *micro)
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, text[-3000:]
     result = json.loads(out.read_text())
-    assert [row["batch"] for row in result["batches"]] == [1, 3]
+    runs = [(row["batch"], row["micro_batches"]) for row in result["batches"]]
+    assert runs == ([(1, 1), (1, 2), (3, 1), (3, 2)] if micro else [(1, 1), (3, 1)])
+    if micro:   # batch 1 cannot be split: it runs unpipelined; batch 3 pipelined gives the same tokens
+        assert result["batches"][2]["tokens"] == result["batches"][3]["tokens"]
     for row in result["batches"]:
         assert [r["member"] for r in row["ranks"]] == ["tiny-sp", "tiny-bpe"]
         assert 0 < row["tokens"] <= 5 * row["batch"]
@@ -351,6 +359,6 @@ def test_bench_under_the_launcher_reports_every_rank(home, tmp_path, mode):
         if mode == "exact":
             assert "search" in row["ranks"][0]["share"] and "search" not in row["ranks"][1]["share"]
             assert here[0] > 0 == here[1]
-        elif row["batch"] == 3:   # at batch 1 the one fused row goes to the assist
+        elif row["batch"] == 3 and row["micro_batches"] == 1:   # at batch 1 the one fused row goes to the assist
             assert all("search" in r["share"] for r in row["ranks"]) and min(here) > 0
     assert "| 3 |" in text  # the table on rank 0's output

@@ -5,7 +5,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from runtime.deepen.protocol import LOCAL
 from runtime.engine.engine import Engine
+from runtime.engine.pipeline import Pipeline, make_engine
 from runtime.engine.sequence import Request
 from runtime.members.ensemble import make_fuser, single_fuser
 from runtime.engine.lane import Lane
@@ -31,6 +33,28 @@ def test_engine_matches_reference_loop(tiny, mode, batch):
     for i, ref in enumerate(want):
         assert by_id[i].ids == ref.ids, f"prompt {i}"
         assert by_id[i].text == ref.text and by_id[i].finish == ref.finish
+
+
+@pytest.mark.parametrize("mode,parts", [("fast", 2), ("exact", 3)])
+def test_pipelined_micro_batches_decode_what_the_reference_loop_does(tiny, mode, parts):
+    """engine/pipeline.py in one process: micro-batches of 2 rows, interleaved phase by phase,
+    with prompts of different lengths entering as rows finish, give the reference loop's tokens;
+    every row is counted once and each step advances every running micro-batch."""
+    cfg, members, entry, _ = tiny
+    stop = ("\n\n",)
+    want = reference_decode(members, make_fuser(cfg, members, entry, mode), PROMPTS, 12, stop)
+    pipeline = make_engine(members, make_fuser(cfg, members, entry, mode), 2 * parts,
+                           {i: Lane(m) for i, m in enumerate(members)}, LOCAL, parts)
+    assert isinstance(pipeline, Pipeline) and [e.max_batch for e in pipeline.parts] == [2] * parts
+    requests = [Request(i, p, 12 - i % 4, stop) for i, p in enumerate(PROMPTS)]
+    got = {r.request.id: r for r in pipeline.run(requests)}
+    assert sorted(got) == list(range(len(PROMPTS)))
+    for i, ref in enumerate(want):
+        n = 12 - i % 4
+        assert got[i].ids == ref.ids[:n], f"prompt {i}"
+    report = pipeline.report(1.0, sum(len(r.ids) for r in got.values()))
+    assert report["rows"] == sum(len(r.ids) + (r.finish == "eos") for r in got.values())
+    assert max(len(r.ids) for r in got.values()) <= report["steps"] < report["rows"]
 
 
 @pytest.mark.parametrize("name", ["tiny-sp", "tiny-bpe", "tiny-bpe2"])

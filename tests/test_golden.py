@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime.deepen.fusion import FastSettings, Fuser, aggregate
+from runtime.deepen.fusion import FastSettings, Fuser
+from runtime.deepen.summary import aggregate
 from runtime.deepen.relative import DenseTransfer, LowRankTransfer, dense_transfer_matrix
 from runtime.deepen.search import SearchSettings, candidate_margin, search_exact
 

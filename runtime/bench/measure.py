@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..deepen.fusion import StepResult
+from ..deepen.protocol import StepResult
 from ..engine.engine import Engine
 from ..engine.lane import cache_keyword, without_padding
 from ..engine.reference import reference_decode

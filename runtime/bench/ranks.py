@@ -20,13 +20,13 @@ def rank_run(engine, seconds: float, results: list) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def summarize_ranks(batch: int, runs: list[list[dict]]) -> dict:
+def summarize_ranks(batch: int, runs: list[list[dict]], micro_batches: int = 1) -> dict:
     """runs[r][rank]: one batch size's repetitions. Tokens/s and step time come from rank 0; each
     rank's breakdown is its median seconds per part over its median run time. The communication
     share counts the time a rank spends in collectives, waiting for others included (a rank that
     finished its forward early waits in the broadcast of the chosen tokens)."""
     lead = [run[0] for run in runs]
-    out = {"batch": batch, "tokens_per_s": spread([r["tokens"] / r["seconds"] for r in lead]),
+    out = {"batch": batch, "micro_batches": micro_batches, "tokens_per_s": spread([r["tokens"] / r["seconds"] for r in lead]),
            "step_s": spread([r["seconds"] / max(r["steps"], 1) for r in lead]),
            "ttft_s": spread([r["ttft_s"] for r in lead if r["ttft_s"] is not None] or [0.0]),
            "tokens": lead[0]["tokens"], "ranks": []}
@@ -43,16 +43,16 @@ def summarize_ranks(batch: int, runs: list[list[dict]]) -> dict:
 
 
 def rank_table(result: dict) -> str:
-    lines = ["| batch | tok/s (min/med/max) | step s (med) | rank | member | forward+prefill | "
+    lines = ["| batch | micro-batches | tok/s (min/med/max) | step s (med) | rank | member | forward+prefill | "
              "relative | search | resync | busy / communication + wait | rows fused here | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["batches"]:
         t = row["tokens_per_s"]
         for i, r in enumerate(row["ranks"]):
             s = r["share"]
             fwd = sum(v for k, v in s.items() if k.startswith(("forward:", "prefill:")))
-            head = (f"| {row['batch']} | {t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f} | "
-                    f"{row['step_s']['median']:.3f} |" if i == 0 else "| | | |")
+            head = (f"| {row['batch']} | {row.get('micro_batches', 1)} | {t['min']:.2f} / {t['median']:.2f} / {t['max']:.2f} | "
+                    f"{row['step_s']['median']:.3f} |" if i == 0 else "| | | | |")
             lines.append(f"{head} {r['rank']} | {r['member']} | {fwd:.1%} | {s.get('relative', 0):.1%} | "
                          f"{s.get('search', 0):.1%} | {s.get('resync', 0):.1%} | "
                          f"{1 - r['communication_share']:.1%} / {r['communication_share']:.1%} | "

@@ -4,32 +4,23 @@ ALGORITHM.md sections 3-4. `exact` mode is the authors' math over full vocabular
 mode restricts each member's distribution to the tokens that carry its mass (the rest enters
 per embedding cluster and is reported as neglected mass) and runs `search_fast`.
 
-`Fuser.step` is the per-step protocol. Where the members are is an `exchange`'s business:
-
-    rules     the main member picks the rows to fuse (eta > 0, its own argmax is not EOS,
-              the caller's skip mask: a stop string just completed)
-    rows      the fused rows are made known to every member that computes a relative vector
-    relative  each member: r_i = p_i @ P_i for those rows only (+ the mass fast mode neglected)
-    gather    the main member receives every member's r_i
-    search    r = sum_i w_i r_i; inverse search on the main member; other rows: its own argmax
-    tokens    the chosen tokens and fused flags reach everyone who decodes
-
-`LocalExchange` (every member in this process: nothing is sent) serves the engine, evaluation
-and the reference loop; `runtime.distributed.exchange.GroupExchange` sends the same things
-between member groups over torch.distributed.
+`Fuser.step` runs the per-step protocol (protocol.py: rules, rows, relative vectors, gather,
+search, tokens, in three phases); where the members are is an exchange's business. The Fuser
+holds what the protocol computes with: the transfers, the weights, the search settings, the
+rules and the search on the main member (`decide`).
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .protocol import LOCAL, Pending, StepResult, begin, compute, finish
 from .search import SearchSettings, candidate_margin, search_exact, search_fast
-from .split import NOT_FUSED, fuse_shared, owners, splits
-from .summary import aggregate, relative_from, summarize
+from .summary import relative_from, summarize
 
 
 def relative_exact(logits: torch.Tensor, transfer) -> torch.Tensor:
@@ -48,41 +39,6 @@ class FastSettings:
     skip_decided: bool = True   # a row whose top logit leads by more than the search can move: no fusion
     skip_agreeing: bool = False  # a row where every member's argmax is the same token: no fusion (not exact)
     split_fusion: bool = False   # several leaders (the launcher): each fuses a share of the rows (split.py)
-
-
-@dataclass
-class StepResult:
-    tokens: torch.Tensor              # chosen main-model token per row
-    fused: torch.Tensor               # True where the search ran (not skipped)
-    relative: torch.Tensor | None     # aggregated r (rows that were fused)
-    final_logits: torch.Tensor | None = None  # exact mode only
-    stats: dict = field(default_factory=dict)  # neglected_mass: per member, (fused rows,) (fast)
-    include_logits: torch.Tensor | None = None  # final logits of the ids asked for (every row)
-    logprobs: list | None = None      # per row: a sampler's log-probability record, or None
-
-
-class LocalExchange:
-    """Every member's logits are in this process: nothing crosses a process boundary."""
-    is_root = True   # owns the queue of requests and the results
-    leads = True     # computes relative vectors (for every member here)
-
-    def share_plan(self, plan):
-        return plan
-
-    def share_rows(self, fuse, batch: int):
-        return fuse
-
-    def collect(self, parts: dict) -> list:
-        return [parts[i] for i in sorted(parts)]
-
-    def collect_keys(self, keys: dict, batch: int) -> list:
-        return [keys[i] for i in sorted(keys)]
-
-    def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
-        return result
-
-
-LOCAL = LocalExchange()
 
 
 class Fuser:
@@ -195,49 +151,24 @@ class Fuser:
         holds no logits (a tensor-parallel rank that is no member's leader). `sampler`
         (engine/sampling.py): draws sampled rows' tokens from the final logits and reports
         log-probabilities, where the tokens are decided (the main leader)."""
-        logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
-        batch = batch if batch is not None else len(next(iter(logits.values())))
-        split = splits(self, exchange, sampler, include)   # the rows shared out between leaders (split.py)
-        main = logits.get(0)
-        fuse = None
-        with self.timed("rules"):
-            agree = self.members_agree(logits, exchange, batch)
-            if main is not None:
-                greedy = sampler.argmax_only(main.device) if sampler is not None else None
-                fuse = self.rows_to_fuse(main, skip, agree, greedy)
-        parts = None
-        if exchange.leads:
-            with self.timed("gather"):
-                if split:
-                    owner = exchange.share_owners(None if fuse is None else owners(fuse, exchange.leaders), batch)
-                    fuse = owner != NOT_FUSED
-                else:
-                    fuse = exchange.share_rows(fuse, batch)
-            if split and (owner >= 0).any():
-                done = fuse_shared(self, logits, owner, exchange, batch)
-                with self.timed("broadcast"):
-                    return exchange.share_tokens(None if done is None else StepResult(done[0], fuse, None, None, done[1]),
-                                                 batch)
-            if fuse.any():
-                rows = fuse.nonzero(as_tuple=True)[0]
-                with self.timed("relative"):
-                    mine = {i: self._relative(i, l, rows, memo) for i, l in logits.items()}
-                with self.timed("gather"):
-                    parts = exchange.collect(mine)
-        result = None
-        if main is not None:
-            r, stats = None, {}
-            if parts is not None:
-                r = aggregate([p[0] for p in parts], self.weights)
-                if self.mode == "fast":
-                    stats["neglected_mass"] = [p[1] for p in parts]  # tensors: no host transfer
-            with self.timed("search"):
-                result = self.decide(main, r, fuse, stats, include, sampler)
-            self.rows_fused_here += 0 if r is None else len(r)
-        with self.timed("broadcast"):
-            return exchange.share_tokens(result, batch)
+        pending = self.begin(member_logits, skip, include, exchange, memo, batch, sampler)
+        self.compute(pending)
+        return self.finish(pending)
 
-    def _relative(self, i: int, logits: torch.Tensor, rows: torch.Tensor, memo: dict | None):
+    def begin(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
+              sampler=None) -> Pending:
+        """`step`'s first phase (protocol.py): rules, rows and what crosses before the work."""
+        return begin(self, member_logits, skip, include, exchange, memo, batch, sampler)
+
+    def compute(self, pending: Pending):
+        """`step`'s second phase: this process's share of the work, no communication."""
+        compute(self, pending)
+
+    def finish(self, pending: Pending) -> StepResult:
+        """`step`'s last phase, after `compute`: gather or merge, search, the tokens."""
+        return finish(self, pending)
+
+    def relative_rows(self, i: int, logits: torch.Tensor, rows: torch.Tensor, memo: dict | None):
         if memo is None:
             return self.member_relative(i, logits[rows])
         key = (i, id(logits), tuple(rows.tolist()), id(self.transfers[i]), self.mode,

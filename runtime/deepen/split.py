@@ -70,17 +70,21 @@ def owners(fuse: torch.Tensor, leaders: int) -> torch.Tensor:
     return owner.to(fuse.device)
 
 
-def fuse_shared(fuser, logits: dict, owner: torch.Tensor, exchange, batch: int):
-    """The shared rows' summaries, fusion and merge (module doc), after the owners are known.
-    Returns, on the main leader, (B,) tokens (the main model's own argmax where not fused) and
-    the stats; None elsewhere."""
+def share_summaries(fuser, logits: dict, owner: torch.Tensor, exchange) -> tuple:
+    """The fused rows and every member's summaries of them, on every leader (the step's begin)."""
     rows = (owner >= 0).nonzero(as_tuple=True)[0]
     ms = fuser.fast.max_support
     with fuser.timed("relative"):
         mine = {i: summarize(l[rows], fuser.transfers[i], ms, search=i == 0) for i, l in logits.items()}
     with fuser.timed("gather"):
-        summaries = exchange.share_summaries(mine, fuser.transfers, ms)
-    ours = (owner[rows] == exchange.position).nonzero(as_tuple=True)[0]
+        return rows, exchange.share_summaries(mine, fuser.transfers, ms)
+
+
+def fuse_owned(fuser, rows: torch.Tensor, summaries: list, owner: torch.Tensor, position: int,
+               batch: int) -> torch.Tensor:
+    """The rows this leader owns, fused from every member's summaries (the step's compute): a
+    (B, 1 + members) tensor of (token, neglected mass per member), zero elsewhere."""
+    ours = (owner[rows] == position).nonzero(as_tuple=True)[0]
     fuser.rows_fused_here += len(ours)
     merged = torch.zeros(batch, 1 + len(summaries), device=rows.device)
     if len(ours):
@@ -94,9 +98,14 @@ def fuse_shared(fuser, logits: dict, owner: torch.Tensor, exchange, batch: int):
         # tokens travel as fp32 (exact below 2**24, summary.py); one owner per row, so the sum
         # over the leaders adds only zeros to each value
         merged[rows[ours]] = torch.cat([chosen.float()[:, None], torch.stack([p[1] for p in parts], 1)], 1)
+    return merged
+
+
+def merge_owned(fuser, merged: torch.Tensor, rows: torch.Tensor, main: torch.Tensor | None, exchange):
+    """Every owner's rows summed onto the main leader (the step's finish). Returns there (B,)
+    tokens (the main model's own argmax where not fused) and the stats; None elsewhere."""
     with fuser.timed("gather"):
         merged = exchange.merge_rows(merged)
-    main = logits.get(0)
     if main is None:
         return None
     tokens = main.float().argmax(-1)

@@ -14,6 +14,9 @@ With split_fusion (fast mode, several leaders; deepen/split.py) rows and gather 
   gather    each leader's member's summaries of the fused rows (F x at most 5k + C + 1 fp32,
             k = max_support, C = clusters), all-gathered: every leader gets every member's
   merge     each owner's (token, neglected mass per member) rows, summed onto the main leader
+The step's phases (deepen/protocol.py) group these: begin = keys, rows/owners, summaries;
+finish = gather or merge, tokens. Pipelined (engine/pipeline.py), one micro-batch's begin comes
+right before another's finish; every rank calls them in the same order.
 With replicas, all of this stays inside one replica: its root (main leader) plays rank 0's part.
 Ranks of a tensor-parallel member that are not its leader take part in control and tokens only.
 The control bytes are CPU tensors (gloo); the rest stays on the rank's device (NCCL on GPUs).
@@ -26,7 +29,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from ..deepen.fusion import StepResult
+from ..deepen.protocol import StepResult
 from ..engine.scheduler import Plan
 from ..engine.sequence import Request
 

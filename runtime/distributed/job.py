@@ -17,8 +17,8 @@ import torch
 from ..bench.ranks import COMMUNICATION
 from ..deepen.split import shares_rows
 from ..deepen.summary import EXACT_IDS
-from ..engine.engine import Engine
 from ..engine.lane import Lane
+from ..engine.pipeline import make_engine
 from ..engine.sequence import Request
 from ..engine.sampling import GREEDY
 from ..jobs.files import ResultWriter, pending_requests
@@ -136,10 +136,12 @@ class Rank:
                                     "set split_fusion = false", 2)
         return members, fuser
 
-    def engine(self, members, fuser, batch: int) -> Engine:
-        engine = Engine(members, fuser, batch, lanes={self.world.member: Lane(members[self.world.member])},
-                        exchange=GroupExchange(self.world, phase=self.heartbeat.phase))
-        stall_for_tests(engine, self.world.rank)
+    def engine(self, members, fuser, batch: int, micro_batches: int = 1):
+        """This rank's Engine, or (micro_batches > 1) its Pipeline of micro-batches."""
+        engine = make_engine(members, fuser, batch, {self.world.member: Lane(members[self.world.member])},
+                             GroupExchange(self.world, phase=self.heartbeat.phase), micro_batches)
+        for part in getattr(engine, "parts", [engine]):
+            stall_for_tests(part, self.world.rank)
         return engine
 
     def close(self):
@@ -148,7 +150,7 @@ class Rank:
         torch.distributed.destroy_process_group()
 
 
-def stall_for_tests(engine: Engine, rank: int):
+def stall_for_tests(engine, rank: int):
     """A test hook, for the one failure no test can cause from outside: a rank that is alive (its
     heartbeat thread beats) but stuck inside a step. DEEPEN_FAULT=stall:RANK:STEP:SECONDS makes
     rank RANK sleep SECONDS in its step STEP. Unset, it does nothing."""
@@ -158,18 +160,18 @@ def stall_for_tests(engine: Engine, rank: int):
     who, at, seconds = (float(x) for x in fault.split(":")[1:])
     if int(who) != rank:
         return
-    step = engine.step
+    begin = engine.begin_step
 
     def stalled():
         if engine.steps == int(at):
             print(f"deepen: test hook: rank {rank} stalls inside step {int(at)} for {seconds:g} s", file=sys.stderr,
                   flush=True)
             time.sleep(seconds)
-        return step()
-    engine.step = stalled
+        return begin()
+    engine.begin_step = stalled
 
 
-def rank_report(rank: Rank, engine: Engine, seconds: float, tokens: int) -> dict:
+def rank_report(rank: Rank, engine, seconds: float, tokens: int) -> dict:
     """What a rank writes with --stats: the engine's figures plus where this rank sits."""
     out = engine.report(seconds, tokens)
     comm = sum(out["breakdown_s"].get(k, 0.0) for k in COMMUNICATION)
@@ -184,8 +186,9 @@ def rank_report(rank: Rank, engine: Engine, seconds: float, tokens: int) -> dict
 
 def generate(config_path, input_path, output_path, resume=False, overwrite=False, skip_bad=False,
              batch=8, max_new_tokens=64, stop=(), startup_timeout=1800.0, step_timeout=120.0, threads=None,
-             stats=None, sampling=None, seed=0):
-    """`deepen generate` across ranks: rank 0 alone reads --input and writes --output."""
+             stats=None, sampling=None, seed=0, micro_batches=1):
+    """`deepen generate` across ranks: rank 0 alone reads --input and writes --output;
+    `micro_batches` > 1 pipelines the batch (engine/pipeline.py)."""
     rank = Rank(config_path, startup_timeout, step_timeout, threads)
     with rank.guard():
         # rank 0 checks the input before anyone loads a model; everybody learns the verdict
@@ -208,7 +211,7 @@ def generate(config_path, input_path, output_path, resume=False, overwrite=False
         verdict = broadcast_message(verdict)
         if verdict["error"]:
             die("error", verdict["error"], 2)
-        engine = rank.engine(*rank.load(), batch)
+        engine = rank.engine(*rank.load(), batch, micro_batches)
         writer = ResultWriter(output_path, append=resume) if rank.world.rank == 0 else None
         tokens, relayed = 0, 0
 
@@ -252,8 +255,10 @@ def generate(config_path, input_path, output_path, resume=False, overwrite=False
 
 
 def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, output=None,
-          startup_timeout=1800.0, step_timeout=120.0, threads=None):
-    """`deepen bench` across ranks: tokens/s from rank 0, every rank's own breakdown."""
+          startup_timeout=1800.0, step_timeout=120.0, threads=None, micro_batches="1"):
+    """`deepen bench` across ranks: tokens/s from rank 0, every rank's own breakdown; each batch
+    size once per entry of `micro_batches` (comma-separated: "1,2" times it unpipelined and
+    pipelined, engine/pipeline.py)."""
     from ..bench.bench import batch_of, bench_prompts
     from ..bench.ranks import rank_run, rank_table, summarize_ranks
     rank = Rank(config_path, startup_timeout, step_timeout, threads)
@@ -265,8 +270,8 @@ def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, 
         prompts = bench_prompts(prompts_path) if rank.world.rank == 0 else None
         prompts = broadcast_message({"prompts": prompts})["prompts"]
 
-        def once(size: int, tokens: int) -> dict:
-            engine = rank.engine(members, fuser, size)
+        def once(size: int, tokens: int, micro: int = 1) -> dict:
+            engine = rank.engine(members, fuser, size, micro)
             fuser.reset_counts()
             fuser.forget_rows()   # every repetition starts with empty row stores
             torch.distributed.barrier()
@@ -279,12 +284,14 @@ def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, 
         out = {"config": config_path, "world_size": layout.world_size, "new_tokens": new_tokens,
                "repeat": repeat, "layout": [layout.describe(r) for r in range(layout.world_size)], "batches": []}
         for size in [int(b) for b in str(batch).split(",")]:
-            runs = []
-            for r in range(repeat):
-                if rank.world.rank == 0:
-                    print(f"batch {size}: run {r + 1}/{repeat}", file=sys.stderr)
-                runs.append(gather_messages(once(size, new_tokens)))
-            out["batches"].append(summarize_ranks(size, runs))
+            for micro in [int(m) for m in str(micro_batches).split(",")]:
+                runs = []
+                for r in range(repeat):
+                    if rank.world.rank == 0:
+                        print(f"batch {size}, {micro} micro-batch{'es' if micro > 1 else ''}: run {r + 1}/{repeat}",
+                              file=sys.stderr)
+                    runs.append(gather_messages(once(size, new_tokens, micro)))
+                out["batches"].append(summarize_ranks(size, runs, micro))
         if rank.world.rank == 0:
             if output:
                 Path(output).write_text(json.dumps(out, indent=1) + "\n")

@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
-from ..deepen.fusion import LOCAL
+from ..deepen.protocol import LOCAL
 from .lane import Lane
 from .sampling import GREEDY, Sampler, stable_seed
-from .scheduler import Scheduler
+from .scheduler import Plan, Scheduler
 from .sequence import Request, Result, Row
 from .stops import completes_stop
+
+
+@dataclass
+class Pending:
+    """A step between `begin_step` and `end_step`: its slots, their rows, the fused step's state."""
+    active: list[int]
+    rows: list[Row]
+    fusion: object
 
 
 class Engine:
@@ -88,18 +97,26 @@ class Engine:
         while True:
             if tick is not None and self.exchange.is_root:
                 tick()
-            plan = self.scheduler.plan(self.slots) if self.exchange.is_root else None
-            plan = self._timed("control", self.exchange.share_plan, plan)
+            plan = self.next_plan()
             if plan.done:
                 return results
-            self.admit(plan.admit)
-            if plan.drop:
-                self.drop_free_slots()
+            self.apply(plan)
             for result in self.step():
                 if self.exchange.is_root:
                     results.append(result)
                     if on_result is not None:
                         on_result(result)
+
+    def next_plan(self) -> Plan:
+        """The root's plan for the next step (admissions, drops, the end), on every rank."""
+        plan = self.scheduler.plan(self.slots) if self.exchange.is_root else None
+        return self._timed("control", self.exchange.share_plan, plan)
+
+    def apply(self, plan: Plan):
+        """Admit the plan's requests; drop free slots when nothing is waiting."""
+        self.admit(plan.admit)
+        if plan.drop:
+            self.drop_free_slots()
 
     def admit(self, requests: list[Request]):
         """Place requests into free slots (new slots up to max_batch); every lane prefills them."""
@@ -120,21 +137,33 @@ class Engine:
                             [s for s, _ in placed], [r.prompt for _, r in placed])
 
     def step(self) -> list[Result]:
+        """One decoding step over every running row: fuse, commit, advance."""
+        pending = self.begin_step()
+        self.fuser.compute(pending.fusion)
+        finished, keep_slots, texts = self.end_step(pending)
+        self.advance(keep_slots, texts)
+        return finished
+
+    def begin_step(self) -> Pending:
+        """The step's rows and the fused step's first phase (deepen/protocol.py)."""
         active = [i for i, r in enumerate(self.slots) if r is not None]
         rows = [self.slots[i] for i in active]
         logits = {i: lane.logits[active] for i, lane in self.lanes.items()} if self.exchange.leads else {}
         skip = self._timed("rules", self.skip_mask, rows, logits[0]) if 0 in logits else None
-        result = self.fuser.step(logits, skip, exchange=self.exchange, batch=len(active),
-                                 sampler=self.sampler(rows))
+        return Pending(active, rows, self.fuser.begin(logits, skip, exchange=self.exchange, batch=len(active),
+                                                      sampler=self.sampler(rows)))
+
+    def end_step(self, pending: Pending):
+        """The fused step's last phase, then commit. Returns (finished results, slots still
+        running, their committed texts): what `advance` takes."""
+        result = self.fuser.finish(pending.fusion)
         self.steps += 1
         # the one transfer to the host per step: the chosen ids and whether each row was fused
         tokens, fused = torch.stack([result.tokens, result.fused.long()]).tolist()
         self.count(fused, result.stats.get("neglected_mass"))
         if result.logprobs is not None:
-            self.note_logprobs(rows, tokens, result.logprobs)
-        finished, keep_slots, texts = self.commit(active, tokens, fused)
-        self.advance(keep_slots, texts)
-        return finished
+            self.note_logprobs(pending.rows, tokens, result.logprobs)
+        return self.commit(pending.active, tokens, fused)
 
     def sampler(self, rows: list[Row]) -> Sampler | None:
         """None while every row decodes greedily without log-probabilities (the fuser's tokens)."""

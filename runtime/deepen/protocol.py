@@ -1,0 +1,140 @@
+"""The per-step protocol, written once: members' logits -> relative vectors -> aggregate -> search.
+
+Where the members are is an `exchange`'s business (`LocalExchange` here: every member in this
+process; `runtime.distributed.exchange.GroupExchange`: member groups over torch.distributed).
+A step runs in three phases, so that a pipelined run (engine/pipeline.py) can put another
+micro-batch's work between them; `Fuser.step` runs them back to back.
+
+  begin     rules     the main member picks the rows to fuse (eta > 0, its own argmax is not
+                      EOS, the caller's skip mask, fast mode's decided rows, the agreement skip)
+            rows      the fused rows reach every leader: the fuse mask, or (split_fusion,
+                      split.py) each fused row's owner among the leaders
+            gather    (rows shared out) every member's summary of every fused row, on every leader
+  compute   relative  plain: this process's members' r_i = p_i @ P_i for the fused rows (+ the
+                      mass fast mode neglected); shared out: for the rows this leader owns,
+                      every member's r_i, r = sum_i w_i r_i and the search
+            (no communication: only this phase's work may overlap another micro-batch's)
+  finish    gather    plain: the main member receives every member's r_i; shared out: each
+                      owner's tokens summed onto the main leader (merge)
+            search    plain: r = sum_i w_i r_i and the inverse search on the main member
+            tokens    the chosen tokens and fused flags reach everyone who decodes
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .split import NOT_FUSED, fuse_owned, merge_owned, owners, share_summaries, splits
+from .summary import aggregate
+
+
+@dataclass
+class StepResult:
+    tokens: torch.Tensor              # chosen main-model token per row
+    fused: torch.Tensor               # True where the search ran (not skipped)
+    relative: torch.Tensor | None     # aggregated r (rows that were fused)
+    final_logits: torch.Tensor | None = None  # exact mode only
+    stats: dict = field(default_factory=dict)  # neglected_mass: per member, (fused rows,) (fast)
+    include_logits: torch.Tensor | None = None  # final logits of the ids asked for (every row)
+    logprobs: list | None = None      # per row: a sampler's log-probability record, or None
+
+
+class LocalExchange:
+    """Every member's logits are in this process: nothing crosses a process boundary."""
+    is_root = True   # owns the queue of requests and the results
+    leads = True     # computes relative vectors (for every member here)
+
+    def share_plan(self, plan):
+        return plan
+
+    def share_rows(self, fuse, batch: int):
+        return fuse
+
+    def collect(self, parts: dict) -> list:
+        return [parts[i] for i in sorted(parts)]
+
+    def collect_keys(self, keys: dict, batch: int) -> list:
+        return [keys[i] for i in sorted(keys)]
+
+    def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
+        return result
+
+
+LOCAL = LocalExchange()
+
+
+@dataclass
+class Pending:
+    """One step between its phases."""
+    logits: dict                      # {member index: (B, |V_i|)} of the members fused here
+    batch: int
+    exchange: object
+    include: torch.Tensor | None
+    memo: dict | None
+    sampler: object
+    fuse: torch.Tensor | None = None  # rows to fuse (every leader, after begin)
+    owner: torch.Tensor | None = None  # rows shared out: each row's owner (split.py's codes)
+    shared: tuple | None = None       # rows shared out: (fused rows, every member's summaries)
+    mine: dict | None = None          # plain: this process's (r_i, neglected) for the fused rows
+    merged: torch.Tensor | None = None  # rows shared out: this owner's (token, neglected) rows
+
+
+def begin(fuser, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
+          sampler=None) -> Pending:
+    """Rules, rows and (rows shared out) the summaries: the phase's collectives, in order."""
+    logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
+    batch = batch if batch is not None else len(next(iter(logits.values())))
+    p = Pending(logits, batch, exchange, include, memo, sampler)
+    main = logits.get(0)
+    with fuser.timed("rules"):
+        agree = fuser.members_agree(logits, exchange, batch)
+        if main is not None:
+            greedy = sampler.argmax_only(main.device) if sampler is not None else None
+            p.fuse = fuser.rows_to_fuse(main, skip, agree, greedy)
+    if not exchange.leads:
+        return p
+    with fuser.timed("gather"):
+        if splits(fuser, exchange, sampler, include):   # the rows shared out between leaders (split.py)
+            p.owner = exchange.share_owners(None if p.fuse is None else owners(p.fuse, exchange.leaders), batch)
+            p.fuse = p.owner != NOT_FUSED
+        else:
+            p.fuse = exchange.share_rows(p.fuse, batch)
+    if p.owner is not None and (p.owner >= 0).any():
+        p.shared = share_summaries(fuser, logits, p.owner, exchange)
+    return p
+
+
+def compute(fuser, p: Pending):
+    """This process's share of the fusion work; no communication."""
+    if p.shared is not None:
+        p.merged = fuse_owned(fuser, *p.shared, p.owner, p.exchange.position, p.batch)
+    elif p.exchange.leads and p.fuse.any():
+        rows = p.fuse.nonzero(as_tuple=True)[0]
+        with fuser.timed("relative"):
+            p.mine = {i: fuser.relative_rows(i, l, rows, p.memo) for i, l in p.logits.items()}
+
+
+def finish(fuser, p: Pending) -> StepResult:
+    """Gather or merge, search (plain), and the tokens to everyone who decodes."""
+    exchange, main, result = p.exchange, p.logits.get(0), None
+    if p.shared is not None:
+        done = merge_owned(fuser, p.merged, p.shared[0], main, exchange)
+        if done is not None:
+            result = StepResult(done[0], p.fuse, None, None, done[1])
+    else:
+        parts = None
+        if p.mine is not None:
+            with fuser.timed("gather"):
+                parts = exchange.collect(p.mine)
+        if main is not None:
+            r, stats = None, {}
+            if parts is not None:
+                r = aggregate([part[0] for part in parts], fuser.weights)
+                if fuser.mode == "fast":
+                    stats["neglected_mass"] = [part[1] for part in parts]  # tensors: no host transfer
+            with fuser.timed("search"):
+                result = fuser.decide(main, r, p.fuse, stats, p.include, p.sampler)
+            fuser.rows_fused_here += 0 if r is None else len(r)
+    with fuser.timed("broadcast"):
+        return exchange.share_tokens(result, p.batch)
