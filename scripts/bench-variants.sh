@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fused-step variants of docs/performance.md ("Cutting the fused step"), one after the other:
 # copies of configs/smol-gemma.toml with one [anchors] line changed, each benched at batch 8.
-#   bash scripts/bench-variants.sh OUT_DIR
+#   bash scripts/bench-variants.sh OUT_DIR          (VARIANTS="all-off default": just those)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench-variants.sh OUT_DIR}
@@ -17,10 +17,13 @@ PY
 variant before $'skip_decided = false\nrow_product = "fp32"\n'
 variant decided-fp32 $'row_product = "fp32"\n'
 variant default ''
-variant no-row-cache $'row_cache = 0\n'
+variant no-row-cache ''
 sed -i 's/^row_cache = 512/row_cache = 0/' "$OUT/no-row-cache.toml"
 variant agreement-skip $'skip_agreeing = true\n'
-for v in before decided-fp32 default no-row-cache agreement-skip; do
+# everything this issue added that can still be switched off: decided rows, bf16 rows, the row store
+variant all-off $'skip_decided = false\nrow_product = "fp32"\n'
+sed -i 's/^row_cache = 512/row_cache = 0/' "$OUT/all-off.toml"
+for v in ${VARIANTS:-before decided-fp32 default no-row-cache agreement-skip all-off}; do
   "$DEEPEN" bench --config "$OUT/$v.toml" --batch 8 --new-tokens 16 --repeat 2 --compare members \
     --output "$OUT/bench-$v.json" | tee "$OUT/bench-$v.md"
 done
