@@ -3,13 +3,15 @@
 One loop for one process and for many ranks (`Engine.run`), one step (`Engine.step`):
   1. plan: the scheduler admits waiting prompts into free slots (each member prefills them in
      its own pass); under the launcher rank 0 plans and the exchange shares the plan;
-  2. fuse: the members' next-token logits -> one main-model token per row (`Fuser.step`, the
-     per-step protocol; the exchange carries what crosses between member groups);
+  2. fuse: the members' next-token logits -> one main-model token per row (the per-step
+     protocol, deepen/protocol.py, in its three phases: `begin_step` runs the first, `end_step`
+     the last; the exchange carries what crosses between member groups);
   3. commit: append the token to the row; finish rows on EOS, a stop string or max_new_tokens;
   4. advance: the main member appends its chosen id as it is; every assist re-encodes the
      committed text and keeps the longest common prefix (engine/lane.py); then every member runs
      one batched forward pass over its new tokens.
 The committed text is what the main member's ids decode to; every assist's tokens decode to it.
+engine/pipeline.py interleaves the phases of several Engines (micro-batches) under the launcher.
 """
 from __future__ import annotations
 
