@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from ..deepen.protocol import StepResult
+from ..deepen.protocol import StepResult, WholeStep
 from ..engine.engine import Engine
 from ..engine.lane import cache_keyword, without_padding
 from ..engine.reference import reference_decode
 from ..engine.sequence import Request
 
 
-class ComparingFuser:
+class ComparingFuser(WholeStep):
     """Decides with `exact`; at every fused step also runs each fast fuser on the same logits and
     records whether it chose the same tokens, how long it took and what it neglected."""
 

@@ -64,6 +64,21 @@ class LocalExchange:
 LOCAL = LocalExchange()
 
 
+class WholeStep:
+    """A one-process fuser that defines only `step` (minED, the bench's comparing fuser) gets
+    the three phases the engine calls: the whole step runs in `finish`."""
+
+    def begin(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None, sampler=None):
+        return member_logits, skip, {"include": include, "exchange": exchange, "sampler": sampler}
+
+    def compute(self, pending):
+        pass
+
+    def finish(self, pending) -> StepResult:
+        member_logits, skip, kw = pending
+        return self.step(member_logits, skip, **kw)
+
+
 @dataclass
 class Pending:
     """One step between its phases."""

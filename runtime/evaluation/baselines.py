@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..deepen.protocol import LOCAL, StepResult
+from ..deepen.protocol import LOCAL, StepResult, WholeStep
 from ..deepen.vocab import byte_fallback_ids, ids_by_bytes, token_bytes
 from ..jobs.progress import Progress
 
@@ -73,10 +73,9 @@ def cached_min_edit_map(main, assist, size: int, home: Path, progress: bool = Tr
     return mapping
 
 
-class MinEDFuser:
+class MinEDFuser(WholeStep):
     """Averages distributions in the main vocabulary through the minED maps (maps[0] is None:
-    the main member maps to itself). Same `step` contract as `Fuser`, and its phases (one
-    process: the whole step runs in `finish`)."""
+    the main member maps to itself). Same `step` contract as `Fuser`."""
 
     def __init__(self, maps: list[torch.Tensor | None], weights: list[float]):
         self.maps = maps
@@ -113,16 +112,6 @@ class MinEDFuser:
             result.tokens, result.logprobs = sampler(log_p, member_logits[0], result.tokens)
         return result
 
-
-    def begin(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None, sampler=None):
-        return member_logits, skip, {"include": include, "exchange": exchange, "sampler": sampler}
-
-    def compute(self, pending):
-        pass
-
-    def finish(self, pending) -> StepResult:
-        member_logits, skip, kw = pending
-        return self.step(member_logits, skip, **kw)
 
 # ---- answer-level combiners --------------------------------------------------------------------
 
