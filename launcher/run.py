@@ -79,7 +79,7 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
 @click.option("--threads", type=int, help="torch threads per rank (default: this node's cores / its ranks)")
 @click.option("--micro-batches", default="1", show_default=True,
               help="comma-separated: each batch size is timed once per entry (1: not pipelined; 1,2: "
-                   "both, side by side)")
+                   "both, side by side; a batch runs in at most one micro-batch per row)")
 @click.option("--local_rank", type=int, hidden=True, help="set by the deepspeed launcher")
 def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, startup_timeout, step_timeout,
                threads, micro_batches, local_rank):

@@ -18,7 +18,7 @@ from ..bench.ranks import COMMUNICATION
 from ..deepen.split import shares_rows
 from ..deepen.summary import EXACT_IDS
 from ..engine.lane import Lane
-from ..engine.pipeline import make_engine
+from ..engine.pipeline import make_engine, micro_batches_for
 from ..engine.sequence import Request
 from ..engine.sampling import GREEDY
 from ..jobs.files import ResultWriter, pending_requests
@@ -284,7 +284,8 @@ def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, 
         out = {"config": config_path, "world_size": layout.world_size, "new_tokens": new_tokens,
                "repeat": repeat, "layout": [layout.describe(r) for r in range(layout.world_size)], "batches": []}
         for size in [int(b) for b in str(batch).split(",")]:
-            for micro in [int(m) for m in str(micro_batches).split(",")]:
+            # each distinct split once: a batch of 1 runs unpipelined whatever was asked
+            for micro in dict.fromkeys(micro_batches_for(size, int(m)) for m in str(micro_batches).split(",")):
                 runs = []
                 for r in range(repeat):
                     if rank.world.rank == 0:

@@ -123,9 +123,16 @@ class Pipeline:
         return out
 
 
+def micro_batches_for(max_batch: int, micro_batches: int) -> int:
+    """How many micro-batches a batch of `max_batch` rows runs in: at most one per row."""
+    return max(1, min(micro_batches, max_batch))
+
+
 def make_engine(members, fuser, max_batch: int, lanes: dict[int, Lane], exchange, micro_batches: int = 1):
-    """An Engine, or with micro_batches > 1 a Pipeline of that many (each half its own lanes)."""
-    if micro_batches <= 1 or max_batch < 2:
+    """An Engine, or with micro_batches > 1 (and as many rows) a Pipeline of that many micro-
+    batches, each with its own lanes."""
+    parts = micro_batches_for(max_batch, micro_batches)
+    if parts == 1:
         return Engine(members, fuser, max_batch, lanes, exchange)
     return Pipeline(members, fuser, max_batch, lambda: {i: Lane(lane.member) for i, lane in lanes.items()},
-                    exchange, micro_batches)
+                    exchange, parts)
