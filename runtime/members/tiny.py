@@ -26,8 +26,9 @@ from pathlib import Path
 from .catalog import TINY_MODELS as TINY_MEMBERS
 
 # Bump when anything below changes what gets written, so stale builds are redone.
-FORMAT_VERSION = "tiny-members-v1"
+FORMAT_VERSION = "tiny-members-v2"  # v2: 8,192 positions (long-context tests and benches)
 MARKER = ".tiny-complete"
+MAX_POSITIONS = 8192   # long prompts in tests and `deepen bench --context` (the weights do not depend on it)
 
 # Qwen2's pre-tokenizer regex (single digits, letters runs, punctuation runs).
 _QWEN2_SPLIT = (
@@ -187,7 +188,7 @@ def _build_tokenizer(spec: dict):
         **{f"{k}_token": v for k, v in kwargs.items()},
         # HF's cleanup deletes spaces before punctuation: breaks round trips.
         clean_up_tokenization_spaces=False,
-        model_max_length=512,
+        model_max_length=MAX_POSITIONS,
     )
 
 
@@ -206,7 +207,7 @@ def _build_model(spec: dict, tok):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         eos_token_id=tok.eos_token_id,
