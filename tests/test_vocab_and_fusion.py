@@ -255,3 +255,25 @@ def test_a_padded_vocabulary_never_wins_and_gives_no_anchor(tiny, padded, tmp_pa
     for r in results:
         assert r.ids and max(r.ids) < len(members[0].tokenizer), r.ids
         assert r.fused_steps > 0
+
+
+@pytest.mark.parametrize("eta,steps", [(0.15, 5), (0.5, 10), (0.3, 12)])
+def test_the_search_update_is_pytorchs_adamw_with_its_cosine_schedule_to_the_bit(eta, steps):
+    """search.adamw (no optimizer or scheduler built per step) against torch.optim.AdamW stepped
+    with CosineAnnealingLR on the same problems: the same logits, bit for bit."""
+    from runtime.deepen.search import SearchSettings, _optimizer, adamw, kl_mean_per_row
+    g = torch.Generator().manual_seed(int(eta * 100) + steps)
+    s = SearchSettings(eta=eta, steps=steps)
+    z0 = 3 * torch.randn(6, 300, generator=g)
+    P = torch.softmax(4 * torch.randn(300, 40, generator=g), dim=-1)
+    r = torch.softmax(torch.randn(6, 40, generator=g), dim=-1)
+    loss_of = lambda z: kl_mean_per_row(r, torch.softmax(z, dim=-1) @ P)  # noqa: E731
+    ours = adamw(z0.clone().requires_grad_(True), loss_of, s).detach()
+    z = z0.clone().requires_grad_(True)
+    opt, sched = _optimizer(z, s)
+    for _ in range(steps):
+        loss_of(z).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert torch.equal(ours, z.detach()) and not torch.equal(ours, z0)

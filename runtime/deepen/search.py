@@ -40,10 +40,32 @@ class SearchSettings:
 
 
 def _optimizer(z: torch.Tensor, s: SearchSettings):
+    """PyTorch's own AdamW and CosineAnnealingLR: read once per settings (`learning_rates`); the
+    search runs `adamw` with the rates they give."""
     opt = torch.optim.AdamW([z], lr=s.eta, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.t_max,
                                                        eta_min=s.eta * s.eta_min_ratio)
     return opt, sched
+
+
+def adamw(z: torch.Tensor, loss_of, s: SearchSettings) -> torch.Tensor:
+    """`s.steps` iterations of AdamW on z (a leaf, in place) with the cosine schedule: the
+    operations of PyTorch's single-tensor AdamW (weight decay first, then lerp, addcmul, the bias
+    corrections as Python floats, addcdiv) in its order, so the result is the same to the bit,
+    without building an optimizer and a scheduler every decoding step. `loss_of(z)` -> a scalar."""
+    b1, b2 = s.betas
+    exp_avg, exp_avg_sq = torch.zeros_like(z), torch.zeros_like(z)
+    for t, lr in enumerate(learning_rates(s), start=1):
+        with torch.enable_grad():
+            grad, = torch.autograd.grad(loss_of(z), z)
+        with torch.no_grad():
+            z.mul_(1 - lr * s.weight_decay)
+            exp_avg.lerp_(grad, 1 - b1)
+            exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            step_size = lr / (1 - b1 ** float(t))
+            denom = (exp_avg_sq.sqrt() / (1 - b2 ** float(t)) ** 0.5).add_(s.eps)
+            z.addcdiv_(exp_avg, denom, value=-step_size)
+    return z
 
 
 def kl_mean_per_row(r: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -67,17 +89,12 @@ class _TransferProduct(torch.autograd.Function):
 def search_exact(main_logits: torch.Tensor, r: torch.Tensor, transfer, s: SearchSettings) -> torch.Tensor:
     """The authors' search over the full vocabulary. Returns the final logits (B x |V|)."""
     z = main_logits.detach().float().clone().requires_grad_(True)
-    opt, sched = _optimizer(z, s)
-    for _ in range(s.steps):
-        q = _TransferProduct.apply(torch.softmax(z, dim=-1), transfer)
-        kl_mean_per_row(r, q).backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+    adamw(z, lambda z: kl_mean_per_row(r, _TransferProduct.apply(torch.softmax(z, dim=-1), transfer)), s)
     return z.detach()
 
 
-def learning_rates(s: SearchSettings) -> list[float]:
+@lru_cache(maxsize=32)  # once per settings, not once per decoding step
+def learning_rates(s: SearchSettings) -> tuple[float, ...]:
     """The learning rate of each iteration, read off PyTorch's own scheduler."""
     z = torch.zeros(1, requires_grad=True)
     opt, sched = _optimizer(z, s)
@@ -86,7 +103,7 @@ def learning_rates(s: SearchSettings) -> list[float]:
         rates.append(opt.param_groups[0]["lr"])
         opt.step()  # no gradient: changes nothing, keeps the scheduler's call order
         sched.step()
-    return rates
+    return tuple(rates)
 
 
 @lru_cache(maxsize=32)  # once per settings, not once per decoding step
@@ -177,17 +194,12 @@ def search_from(m: Summary, r: torch.Tensor, transfer, s: SearchSettings, mass_e
             return torch.bmm(sigma[:, None, :], per_row).squeeze(1)
         return sigma.new_zeros(rows_n, basis.shape[0]).scatter_add(1, index, sigma) @ basis
 
-    z = torch.where(live, start, torch.full_like(start, PAD_LOGIT))
-    z.requires_grad_(True)
-    opt, sched = _optimizer(z, s)
-    for _ in range(s.steps):
+    def loss_of(z):
         sigma = torch.softmax(torch.cat([z, tail_lse], dim=1), dim=-1)
-        q = product(sigma[:, :-1]) + sigma[:, -1:] * tail_row
-        kl_mean_per_row(r, q).backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    z = z.detach().masked_fill(~live, float("-inf"))
+        return kl_mean_per_row(r, product(sigma[:, :-1]) + sigma[:, -1:] * tail_row)
+
+    z = torch.where(live, start, torch.full_like(start, PAD_LOGIT)).requires_grad_(True)
+    z = adamw(z, loss_of, s).detach().masked_fill(~live, float("-inf"))
     tokens = ids.gather(1, z.argmax(-1, keepdim=True)).squeeze(1)
     searched = (ids, torch.where(live, z, start)) if keep and include is None else None
     # tensors on the search's device: a caller that wants numbers reads them (no per-step transfer)
