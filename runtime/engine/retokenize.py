@@ -1,0 +1,328 @@
+"""An assist's token ids for a growing text, re-encoding only a window at its end.
+
+An assist keeps, per row, the ids of its own encoding of `template(prompt) + committed text`. When
+the text changes from character c on (usually: a few characters appended), re-encoding the whole
+row costs time in proportion to the row. `Retokenizer` re-encodes only `text[b:]`, from a token
+boundary b before c, keeps the ids before b, and gives exactly the ids of a full encode, or falls
+back to one (counted) where it cannot show that. docs/design.md ("Assists follow the committed
+text") states why the window is exact; in short, for the start b of old token k:
+
+* Nothing before b can change. The tokenizer's steps each look only a bounded way ahead: added
+  tokens (matched first) at most their longest length, so b is `margin` characters before c;
+  normalizers character by character (Replace of one character; the NFC/NFKC family before an
+  ASCII character, which never composes with what precedes it); a regex pre-tokenizer's split
+  before a piece is decided within the next piece, so in "word" mode b starts a pre-token and one
+  whole pre-token lies between b and the margin.
+* Nothing after b depends on what is before it. In "word" mode b is a pre-token boundary and the
+  model (BPE, WordPiece, Unigram...) runs per pre-token. In "segment" mode (BPE over whole segments
+  with no splitting pre-tokenizer: Gemma, SentencePiece BPE) b may fall inside a segment: BPE
+  merges pairs by rank, lowest first, and whether a merge ever crosses b depends only on the two
+  tokens next to b (the evolution of each token's span is that of BPE on its own text). The old
+  encoding had no merge across b; the window's first token equals the old token at b, so the pair
+  at b is the old pair and the new encoding has no merge across b either.
+* Position effects are removed from the window's tokenizer: no special tokens, no prefix space or
+  `Prepend` (they belong to the start of the whole text).
+
+The window's first pre-token (word mode) or first token (segment mode) must come out as before,
+or the row falls back to the full encode. Anything not recognised (another normalizer, added
+tokens that strip whitespace, a post-processor that appends tokens, BPE dropout) uses the full
+encode every time; `Policy.reason` says why.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+PROBES = ["Hello  world!\n\nThe 12,345 cafés  ", "def f(x):\n\treturn x*2  # ok", "日本語のテキスト 🤖👍🏽 end",
+          "  leading\r\n spaces\u00a0and\ttabs", "ÅÉÎ naïve Zürich", "a" * 40 + " " * 7 + "b"]
+NORMALIZERS_BY_CHARACTER = {"NFC", "NFD", "NFKC", "NFKD"}
+SPLITTERS = {"ByteLevel", "Split", "Metaspace", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit",
+             "BertPreTokenizer", "UnicodeScripts", "CharDelimiterSplit"}
+
+
+@dataclass
+class Policy:
+    mode: str | None          # "segment" | "word" | None (always the full encode)
+    margin: int = 8           # characters between a window's safe part and the first changed one
+    ascii_start: bool = False  # a window starts only before an ASCII character (composing normalizers)
+    window: object = None     # tokenizers.Tokenizer for windows (no position-0 effects)
+    full: object = None       # tokenizers.Tokenizer for full encodes with untrimmed offsets
+    reason: str = ""
+
+
+def _parts(node, key: str) -> list:
+    """A component and, for a Sequence, its members (flattened)."""
+    if node is None:
+        return []
+    if node.get("type") == "Sequence":
+        return [p for sub in node.get(key, []) for p in _parts(sub, key)]
+    return [node]
+
+
+def _state(component) -> dict | None:
+    """A tokenizer component's settings (its JSON), without serialising the whole tokenizer."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def analyse(tokenizer) -> Policy:
+    """Which windows are exact for this (Hugging Face, fast) tokenizer, and the tokenizers to encode
+    them with; Policy(None, reason=...) when none can be shown to be."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Policy(None, reason="not a fast (Rust) tokenizer")
+    model = backend.model
+    kind = type(model).__name__
+    if kind not in ("BPE", "WordPiece", "WordLevel", "Unigram"):
+        return Policy(None, reason=f"model {kind!r}")
+    if getattr(model, "dropout", None):
+        return Policy(None, reason="BPE dropout")
+
+    ascii_start, replaced = False, set()
+    normalizer = _state(backend.normalizer)
+    for n in _parts(normalizer, "normalizers"):
+        if n["type"] == "Replace" and len(n["pattern"].get("String", "")) == 1:
+            replaced.add(n["pattern"]["String"])
+        elif n["type"] in NORMALIZERS_BY_CHARACTER:
+            ascii_start = True
+        elif n["type"] != "Prepend":   # Prepend acts on the start of the whole text: dropped for windows
+            return Policy(None, reason=f"normalizer {n['type']}")
+
+    splitting = False
+    pre = _state(backend.pre_tokenizer)
+    for p in _parts(pre, "pretokenizers"):
+        kind_p = p["type"]
+        if kind_p not in SPLITTERS:
+            return Policy(None, reason=f"pre-tokenizer {kind_p}")
+        if kind_p == "ByteLevel" and p.get("add_prefix_space"):
+            return Policy(None, reason="ByteLevel add_prefix_space")
+        if kind_p == "Metaspace" and p.get("prepend_scheme", "always") == "always":
+            return Policy(None, reason="Metaspace prepend_scheme 'always'")
+        noop_split = kind_p == "Split" and p["pattern"].get("String") in replaced   # Gemma: " " is gone by then
+        if not noop_split and not (kind_p == "ByteLevel" and not p.get("use_regex", True)) \
+                and not (kind_p == "Metaspace" and not p.get("split", True)):
+            splitting = True
+
+    post = _state(backend.post_processor)
+    for p in _parts(post, "processors"):
+        single = p.get("single") or []
+        at = next((i for i, item in enumerate(single) if "Sequence" in item), None)
+        if at is not None and at < len(single) - 1:
+            return Policy(None, reason="the post-processor appends tokens after the text")
+    added = backend.get_added_tokens_decoder()
+    if any(a.lstrip or a.rstrip or a.single_word for a in added.values()):
+        return Policy(None, reason="added tokens that strip whitespace or match whole words")
+    margin = max([8] + [len(a.content) + 1 for a in added.values()])
+    segment = kind == "BPE" and not getattr(model, "ignore_merges", False) and not splitting
+
+    # the same model and added tokens; offsets untrimmed; windows without position-0 effects
+    for p in _parts(post, "processors") + _parts(pre, "pretokenizers"):
+        if "trim_offsets" in p:
+            p["trim_offsets"] = False
+    try:
+        full = _assemble(backend, added, normalizer, pre, post)
+        for p in _parts(pre, "pretokenizers"):
+            if p["type"] == "Metaspace":
+                p["prepend_scheme"] = "never"
+        window = _assemble(backend, added, _without_prepend(normalizer), pre, post)
+    except ValueError as e:
+        return Policy(None, reason=str(e))
+    if [e.ids for e in full.encode_batch(PROBES)] != [tokenizer(t)["input_ids"] for t in PROBES]:
+        return Policy(None, reason="the tokenizer's encode differs from its Rust tokenizer's")
+    return Policy("segment" if segment else "word", margin, ascii_start, window, full)
+
+
+def _without_prepend(node):
+    """A normalizer's settings without Prepend (which belongs to the start of the whole text)."""
+    if node is None or node.get("type") == "Prepend":
+        return None
+    if node.get("type") == "Sequence":
+        return {**node, "normalizers": [n for n in map(_without_prepend, node["normalizers"]) if n is not None]}
+    return node
+
+
+def _assemble(backend, added: dict, normalizer, pre, post):
+    """A tokenizer on `backend`'s model (shared, not copied) with these components (as JSON) and
+    the same added tokens under the same ids."""
+    from tokenizers import Tokenizer
+    parts = Tokenizer.from_str(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": normalizer,
+        "pre_tokenizer": pre, "post_processor": post, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {"x": 0}, "unk_token": "x"}}))
+    out = Tokenizer(backend.model)
+    out.normalizer, out.pre_tokenizer, out.post_processor = parts.normalizer, parts.pre_tokenizer, parts.post_processor
+    tokens = [added[i] for i in sorted(added)]
+    out.add_special_tokens([t for t in tokens if t.special])
+    out.add_tokens([t for t in tokens if not t.special])
+    for i, token in added.items():
+        if out.token_to_id(token.content) != i:
+            raise ValueError(f"added token {token.content!r}: id {out.token_to_id(token.content)}, not {i}")
+    return out
+
+
+class Track:
+    """One row's tokens: ids, each token's [start, end) in the row's string (-1 for special tokens
+    the template added) and its pre-token (word) index. Edited in place, at its end only."""
+    __slots__ = ("ids", "starts", "ends", "words")
+
+    def __init__(self, encoding=None):
+        self.ids: list[int] = []
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.words: list[int] = []
+        if encoding is not None:
+            self.extend(encoding, 0, 0)
+
+    def extend(self, encoding, shift: int, word_shift: int):
+        self.ids.extend(encoding.ids)
+        for (a, b), w, special in zip(encoding.offsets, encoding.word_ids, encoding.special_tokens_mask):
+            template = special and a == b == 0 and w is None
+            self.starts.append(-1 if template else a + shift)
+            self.ends.append(-1 if template else b + shift)
+            self.words.append(-1 if w is None else w + word_shift)
+
+    def cut(self, k: int):
+        del self.ids[k:], self.starts[k:], self.ends[k:], self.words[k:]
+
+
+class Row:
+    """A row's string, prefix + text, read in pieces without building it."""
+    __slots__ = ("prefix", "text")
+
+    def __init__(self, prefix: str, text: str):
+        self.prefix, self.text = prefix, text
+
+    def tail(self, j: int) -> str:
+        n = len(self.prefix)
+        return self.text[j - n:] if j >= n else self.prefix[j:] + self.text
+
+    def char(self, j: int) -> str:
+        n = len(self.prefix)
+        return self.text[j - n] if j >= n else self.prefix[j]
+
+
+_POLICIES: dict[int, tuple] = {}
+
+
+def policy_for(tokenizer) -> Policy:
+    """`analyse`, once per tokenizer object (it reads the whole tokenizer)."""
+    hit = _POLICIES.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        hit = _POLICIES[id(tokenizer)] = (tokenizer, analyse(tokenizer))
+    return hit[1]
+
+
+class Retokenizer:
+    """Brings rows' Tracks up to date with changed text (module doc). `windows` and `fallbacks`
+    count the rows synced each way; `fallback_reasons` says why a window was refused."""
+
+    WALK = 256   # tokens a window may reach back before the row falls back
+
+    def __init__(self, tokenizer, windows: bool = True):
+        self.tokenizer = tokenizer
+        self.policy = policy_for(tokenizer) if windows else Policy(None, reason="windows off")
+        self.windows = self.fallbacks = 0
+        self.fallback_reasons: dict[str, int] = {}
+
+    def encode(self, strings: list[str]) -> list[Track]:
+        """Full encodes (with the template's special tokens)."""
+        return [Track(e) for e in self.policy.full.encode_batch(strings)]
+
+    def window_start(self, track: Track, c: int, row: Row) -> tuple[int, int] | None:
+        """(k, k2): re-encode from token k; in word mode k2 is the next pre-token's first token
+        (tokens k..k2-1 must come out as before). None where no window is safe."""
+        p = self.policy
+        starts, ends, words = track.starts, track.ends, track.words
+        limit, k = c - p.margin, len(starts) - 1
+        floor = max(1, k - self.WALK)
+        while k >= floor and starts[k] > limit:
+            k -= 1
+        found = []
+        for i in range(k, floor - 1, -1):
+            # a clean start: token i begins a character of its own, after a token that ends before it
+            if starts[i] < 0 or ends[i - 1] > starts[i] or (p.ascii_start and row.char(starts[i]) >= "\x80"):
+                continue
+            if p.mode == "segment":
+                return i, i
+            if words[i] != words[i - 1]:
+                found.append(i)
+                if len(found) == 2:
+                    return found[1], found[0]
+        return None
+
+    def sync(self, tracks: list[Track], rows: list[Row], changed: list[int]) -> list[int]:
+        """Re-encode each row whose string changed from character `changed[i]` on. Returns each
+        row's number of leading ids that did not change (the KV cache keeps those)."""
+        keep = [0] * len(tracks)
+        plans, texts, full = [], [], []
+        for i, (track, row, c) in enumerate(zip(tracks, rows, changed)):
+            at = self.window_start(track, c, row) if self.policy.mode else None
+            if at is None:
+                full.append(i)
+                self._refuse("no safe window start" if self.policy.mode else self.policy.reason)
+                continue
+            plans.append((i, *at))
+            texts.append(row.tail(track.starts[at[0]]))
+        if texts:
+            for (i, k, k2), enc in zip(plans, self.policy.window.encode_batch(texts, add_special_tokens=False)):
+                kept = self._splice(tracks[i], k, k2, enc)
+                if kept is None:
+                    full.append(i)
+                else:
+                    keep[i] = kept
+                    self.windows += 1
+        if full:
+            for i, enc in zip(full, self.policy.full.encode_batch([rows[i].tail(0) for i in full])):
+                fresh, track = Track(enc), tracks[i]
+                keep[i] = _common(track.ids, fresh.ids, 0)
+                track.ids[:], track.starts[:], track.ends[:], track.words[:] = \
+                    fresh.ids, fresh.starts, fresh.ends, fresh.words
+            self.fallbacks += len(full)
+        return keep
+
+    def _fits(self, track: Track, k: int, k2: int, enc) -> bool:
+        """Does a window's encoding start as the old tokens did (its first token; in word mode its
+        first pre-token, ids, offsets and the boundary after it)?"""
+        ids, offsets, words = enc.ids, enc.offsets, enc.word_ids
+        b, n = track.starts[k], k2 - k
+        if len(ids) <= n or ids[0] != track.ids[k] or offsets[0][0] != 0:
+            self._refuse("the window's first token differs")
+            return False
+        if n and (ids[:n] != track.ids[k:k2] or words[n] == words[n - 1]
+                  or any(o[0] + b != s for o, s in zip(offsets[:n], track.starts[k:k2]))):
+            self._refuse("the window's first pre-token differs")
+            return False
+        return True
+
+    def _splice(self, track: Track, k: int, k2: int, enc) -> int | None:
+        """Put a window's encoding in place of tokens k.. Returns the ids kept, or None (refused)."""
+        if not self._fits(track, k, k2, enc):
+            return None
+        kept = _common(track.ids, enc.ids, k)
+        word_shift = track.words[k] - (enc.word_ids[0] if enc.word_ids[0] is not None else -1)
+        b = track.starts[k]
+        track.cut(k)
+        track.extend(enc, b, word_shift)
+        return kept
+
+    def count(self, track: Track, row: Row, c: int) -> int:
+        """The number of tokens of the row's full encode, where `track` encodes a string equal to
+        the row's up to character c; the track is not changed."""
+        at = self.window_start(track, c, row) if self.policy.mode else None
+        if at is not None:
+            enc = self.policy.window.encode(row.tail(track.starts[at[0]]), add_special_tokens=False)
+            if self._fits(track, *at, enc):
+                return at[0] + len(enc.ids)
+        if self.policy.full is None:
+            return len(self.tokenizer(row.tail(0))["input_ids"])
+        return len(self.policy.full.encode(row.tail(0)).ids)
+
+    def _refuse(self, why: str):
+        self.fallback_reasons[why] = self.fallback_reasons.get(why, 0) + 1
+
+
+def _common(old: list[int], new: list[int], start: int) -> int:
+    """Length of the common prefix of `old` and `old[:start] + new`."""
+    i, n = start, min(len(old), start + len(new))
+    while i < n and old[i] == new[i - start]:
+        i += 1
+    return i
