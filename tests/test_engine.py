@@ -97,23 +97,67 @@ TEXT = st.text(alphabet=st.characters(blacklist_characters="\u2581", blacklist_c
 @given(prompts=st.lists(TEXT, min_size=1, max_size=3), appends=st.lists(TEXT, min_size=1, max_size=6))
 def test_lane_ids_and_cache_follow_committed_text(tiny, prompts, appends):
     """After every sync + forward, each slot's ids are the member's encoding of its template +
-    committed text, decode back to exactly it, and the cached logits equal a no-cache pass."""
+    committed text, decode back to exactly it, fill its cache, and the cached logits equal a
+    no-cache pass. Texts grow and sometimes lose their last characters (as a byte-fallback
+    character completes), so windows, crops and re-prefills all happen."""
     members = tiny.members
     prompts = [p or "x" for p in prompts]
-    for member in members:
+    for member in members[1:]:
         lane = Lane(member)
+        lane.follows_text = True
         lane.admit(list(range(len(prompts))), prompts)
         texts = [""] * len(prompts)
-        for chunk in appends:
-            texts = [t + chunk[: (k % 3) + len(chunk) // 2 + 1] for k, t in enumerate(texts)]
+        for n, chunk in enumerate(appends):
+            old = texts
+            texts = [t[:len(t) - (n + k) % 3 * (n % 2)] + chunk[: (k % 3) + len(chunk) // 2 + 1]
+                     for k, t in enumerate(texts)]
+            changed = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), min(len(o), len(t)))
+                       if o != t else None for o, t in zip(old, texts)]
             slots = list(range(len(prompts)))
-            lane.forward(slots, lane.sync(slots, texts))
+            lane.forward(slots, lane.sync(slots, texts, changed))
             for s, (p, t) in enumerate(zip(prompts, texts)):
                 full = member.render(p) + t
                 assert lane.ids[s] == member.tokenizer(full).input_ids
                 assert member.tokenizer.decode(lane.ids[s], skip_special_tokens=True) == full
-                assert int(lane.mask[s].sum()) == len(lane.ids[s])
+                assert lane.lengths[s] == len(lane.ids[s])
                 assert torch.allclose(lane.logits[s], full_logits(member, lane.ids[s]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_a_sliding_window_member_sees_exactly_its_window_after_a_crop(tiny, kind):
+    """A member with a 64-token window (Mistral: every layer; Gemma-3: sliding layers beside full
+    ones, one mask per kind), contexts past the window, crops and re-prefills of different widths
+    in one batch: each slot's logits equal a fresh forward pass over its ids."""
+    from types import SimpleNamespace
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+    base = tiny.members[0]   # tiny-sp's tokenizer
+    common = dict(vocab_size=len(base.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  pad_token_id=base.tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    if kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=64, **common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(sliding_window=64, head_dim=8,
+                                                   layer_types=["sliding_attention", "full_attention"], **common))
+    model.eval()
+    member = SimpleNamespace(name=kind, model=model, tokenizer=base.tokenizer, device="cpu",
+                             render=lambda p: p, eos_token_id=base.eos_token_id)
+    lane = Lane(member)
+    lane.follows_text = True
+    prompts = ["the cat sees the ball today. " * 9, "a dog likes the garden at night; " * 7, "hi"]
+    lane.admit([0, 1, 2], prompts)
+    assert min(lane.lengths[:2]) > 64
+    texts = ["", "", ""]
+    for step, (add, cut) in enumerate([("The", 0), (" model", 0), ("  builds", 2), ("\n\nit", 3), (" ok", 1)]):
+        old = texts
+        texts = [t[:len(t) - cut] + add * (1 + k) for k, t in enumerate(texts)]
+        changed = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), min(len(o), len(t)))
+                   for o, t in zip(old, texts)]
+        lane.forward([0, 1, 2], lane.sync([0, 1, 2], texts, changed))
+        for s in range(3):
+            assert lane.ids[s] == base.tokenizer(prompts[s] + texts[s]).input_ids
+            assert torch.allclose(lane.logits[s], full_logits(member, lane.ids[s]), atol=1e-4), (step, s)
 
 
 def test_bench_compare_flags_runs_outside_each_others_noise():

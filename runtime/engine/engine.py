@@ -6,11 +6,13 @@ One loop for one process and for many ranks (`Engine.run`), one step (`Engine.st
   2. fuse: the members' next-token logits -> one main-model token per row (the per-step
      protocol, deepen/protocol.py, in its three phases: `begin_step` runs the first, `end_step`
      the last; the exchange carries what crosses between member groups);
-  3. commit: append the token to the row; finish rows on EOS, a stop string or max_new_tokens;
-  4. advance: the main member appends its chosen id as it is; every assist re-encodes the
-     committed text and keeps the longest common prefix (engine/lane.py); then every member runs
+  3. commit: append the token to the row; its committed text grows by the token's text
+     (engine/detokenize.py); finish rows on EOS, a stop string or max_new_tokens;
+  4. advance: the main member appends its chosen id as it is; every assist re-encodes a window at
+     the end of the committed text (engine/retokenize.py, engine/lane.py); then every member runs
      one batched forward pass over its new tokens.
-The committed text is what the main member's ids decode to; every assist's tokens decode to it.
+The committed text is what the main member's ids decode to; every assist's tokens are its encode
+of it. No per-step work on the host goes over a whole row: only the ends of rows change.
 engine/pipeline.py interleaves the phases of several Engines (micro-batches) under the launcher.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..deepen.protocol import LOCAL
+from .detokenize import Detokenizer
 from .lane import Lane
 from .sampling import GREEDY, Sampler, stable_seed
 from .scheduler import Plan, Scheduler
@@ -39,16 +42,22 @@ class Pending:
 
 class Engine:
     """`lanes`: {member index: Lane} of the members this process runs (default: all of them);
-    `exchange`: how a step reaches the members that run elsewhere (default: nowhere)."""
+    `exchange`: how a step reaches the members that run elsewhere (default: nowhere).
+    `incremental=False`: the old host path (whole rows decoded and re-encoded every step), for
+    comparisons; the tokens are the same."""
 
     def __init__(self, members, fuser, max_batch: int = 8, lanes: dict[int, Lane] | None = None,
-                 exchange=LOCAL):
+                 exchange=LOCAL, incremental: bool = True):
         self.members = members
         self.fuser = fuser
         self.exchange = exchange
         self.scheduler = Scheduler(max_batch)
-        self.lanes = lanes if lanes is not None else {i: Lane(m) for i, m in enumerate(members)}
+        resync = "window" if incremental else "full"
+        self.lanes = lanes if lanes is not None else {i: Lane(m, resync) for i, m in enumerate(members)}
+        for i, lane in self.lanes.items():
+            lane.follows_text = i != 0
         self.main = members[0].tokenizer
+        self.detokenizer = Detokenizer(self.main, incremental) if self.main is not None else None
         self.eos = members[0].eos_token_id
         self.slots: list[Row | None] = []
         self.seconds: dict[str, float] = defaultdict(float)  # where step time goes
@@ -61,8 +70,9 @@ class Engine:
         return self.scheduler.max_batch
 
     def breakdown(self) -> dict[str, float]:
-        """Seconds per part: control, prefill:<member>, forward:<member>, resync, and the fused
-        step's rules, relative, gather, search, broadcast."""
+        """Seconds per part: control, prefill:<member>, forward:<member>, stops (the stop rule),
+        append (the main member's ids), resync (the assists' ids), and the fused step's rules,
+        relative, gather, search, broadcast."""
         out = defaultdict(float, self.seconds)
         for k, v in getattr(self.fuser, "seconds", {}).items():
             out[k] += v
@@ -142,8 +152,8 @@ class Engine:
         """One decoding step over every running row: fuse, commit, advance."""
         pending = self.begin_step()
         self.fuser.compute(pending.fusion)
-        finished, keep_slots, texts = self.end_step(pending)
-        self.advance(keep_slots, texts)
+        finished, keep_slots, texts, changed = self.end_step(pending)
+        self.advance(keep_slots, texts, changed)
         return finished
 
     def begin_step(self) -> Pending:
@@ -151,13 +161,13 @@ class Engine:
         active = [i for i, r in enumerate(self.slots) if r is not None]
         rows = [self.slots[i] for i in active]
         logits = {i: lane.logits[active] for i, lane in self.lanes.items()} if self.exchange.leads else {}
-        skip = self._timed("rules", self.skip_mask, rows, logits[0]) if 0 in logits else None
+        skip = self._timed("stops", self.skip_mask, rows, logits[0]) if 0 in logits else None
         return Pending(active, rows, self.fuser.begin(logits, skip, exchange=self.exchange, batch=len(active),
                                                       sampler=self.sampler(rows)))
 
     def end_step(self, pending: Pending):
         """The fused step's last phase, then commit. Returns (finished results, slots still
-        running, their committed texts): what `advance` takes."""
+        running, their committed texts, where each text changed): what `advance` takes."""
         result = self.fuser.finish(pending.fusion)
         self.steps += 1
         # the one transfer to the host per step: the chosen ids and whether each row was fused
@@ -185,13 +195,17 @@ class Engine:
 
     def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor | None:
         """Rows where the main model's own token would complete a stop string: no fusion.
-        None when no row has a stop string (then nothing is read back from the device)."""
-        if not any(r.request.stop for r in rows):
+        None when no row has a stop string or nothing is fused (then nothing is read back)."""
+        stopping = [i for i, r in enumerate(rows) if r.request.stop]
+        if not stopping or getattr(getattr(self.fuser, "search", None), "eta", 1) == 0:
             return None
         own = main_logits.argmax(-1).tolist()
-        return torch.tensor([bool(r.request.stop) and
-                             completes_stop(self.main.decode(r.ids + [t]), r.request.stop) is not None
-                             for r, t in zip(rows, own)], dtype=torch.bool, device=main_logits.device)
+        picked = [rows[i] for i in stopping]
+        peeks = self.detokenizer.peek([r.decoded for r in picked], [r.ids for r in picked], [own[i] for i in stopping])
+        skip = [False] * len(rows)
+        for i, r, (text, changed) in zip(stopping, picked, peeks):
+            skip[i] = completes_stop(text, r.request.stop, changed) is not None
+        return torch.tensor(skip, dtype=torch.bool, device=main_logits.device)
 
     def count(self, fused: list[int], neglected: list[torch.Tensor] | None):
         """Rows, fused rows and (fast mode) the neglected mass per member, over the run; the
@@ -206,51 +220,67 @@ class Engine:
                 acc[1] = torch.maximum(acc[1], per_row.max())
 
     def commit(self, active: list[int], tokens: list[int], fused: list[bool]):
-        """Append each row's token; finish rows on EOS, a stop string or max_new_tokens.
-        Returns (finished results, slots still running, their committed texts)."""
-        finished, keep_slots, texts = [], [], []
+        """Append each row's token; its text grows by the token's text (only the window at its
+        end is decoded); finish rows on EOS, a stop string or max_new_tokens. Returns (finished
+        results, slots still running, their committed texts, each text's first changed character
+        or None where it did not change)."""
+        grown = []
+        for slot, token in zip(active, tokens):
+            if token != self.eos:
+                grown.append(self.slots[slot])
+                grown[-1].ids.append(token)
+        before = [len(r.text) for r in grown]
+        changed = iter(self.detokenizer.update([r.decoded for r in grown], [r.ids for r in grown]))
+        lengths = iter(before)
+        finished, keep_slots, texts, where = [], [], [], []
         for slot, token, was_fused in zip(active, tokens, fused):
             row = self.slots[slot]
             row.fused_steps += int(was_fused)
             if row.first_token is None:
                 row.first_token = time.perf_counter()
-            finish = None
+            finish, c = None, None
             if token == self.eos:
-                finish = "eos"
+                finish, c = "eos", len(row.text)
             else:
-                row.ids.append(token)
-                row.text = self.main.decode(row.ids)
-                cut = completes_stop(row.text, row.request.stop)
+                row.text, c, old = row.decoded.text, next(changed), next(lengths)
+                cut = completes_stop(row.text, row.request.stop, c)
                 if cut is not None:
-                    row.text, finish = cut, "stop"
+                    row.text, finish, c = cut, "stop", min(c, len(cut))
                 elif len(row.ids) >= row.request.max_new_tokens:
                     finish = "length"
+                elif c == len(row.text) == old:
+                    c = None   # the text did not change (a character's bytes still incomplete)
             if finish:
-                finished.append(self._result(row, finish))
+                finished.append(self._result(slot, row, finish, c))
                 self.slots[slot] = None
             else:
                 keep_slots.append(slot)
                 texts.append(row.text)
-        return finished, keep_slots, texts
+                where.append(c)
+        return finished, keep_slots, texts, where
 
-    def advance(self, slots: list[int], texts: list[str]):
+    def advance(self, slots: list[int], texts: list[str], changed: list[int | None]):
         """Every lane takes the step's tokens and runs one forward pass over what is new: the
         main member appends its chosen ids as they are; assists resync from the text."""
         for i, lane in self.lanes.items():
             if i == 0:
-                pending = self._timed("resync", lane.append, slots, [self.slots[s].ids[-1] for s in slots])
+                pending = self._timed("append", lane.append, slots, [self.slots[s].ids[-1] for s in slots])
             else:
-                pending = self._timed("resync", lane.sync, slots, texts)
+                pending = self._timed("resync", lane.sync, slots, texts, changed)
             if slots:
                 self._timed(f"forward:{lane.member.name}", lane.forward, slots, pending)
 
-    def _result(self, row: Row, finish: str) -> Result:
+    def _result(self, slot: int, row: Row, finish: str, changed: int | None) -> Result:
         counts = {}
         if self.exchange.is_root:  # the completion's length in each member's own tokens
-            for m in self.members:
-                prefix = m.render(row.request.prompt)
-                full, head = m.tokenizer([prefix + row.text, prefix])["input_ids"]
-                counts[m.name] = len(full) - len(head)
+            for i, m in enumerate(self.members):
+                lane = self.lanes.get(i)
+                if lane is not None and changed is not None:
+                    counts[m.name] = lane.completion_tokens(slot, row.text, changed)
+                else:
+                    prefix = m.render(row.request.prompt)
+                    full, head = m.tokenizer([prefix + row.text, prefix])["input_ids"]
+                    counts[m.name] = len(full) - len(head)
         return Result(row.request, row.text, row.ids, finish, counts, row.fused_steps,
                       row.first_token - row.admitted,
                       row.logprobs if row.request.sampling.logprobs is not None else None)

@@ -1,16 +1,16 @@
-"""One member's side of a decoding batch: per-row token ids and one batched KV cache.
+"""One member's side of a decoding batch: per-slot token ids and one KV cache (engine/kvcache.py).
 
-The cache is a transformers DynamicCache of width W (columns) for B slots, with a (B, W) mask of
-live columns. A slot's live columns, in order, hold exactly the member's tokenisation of its
-template + committed text; everything else is a hole (masked, never attended to).
+A slot's cache holds exactly the member's tokenisation of its template + committed text, in order
+from column 0 (`lengths[s]` tokens).
 
-- `sync` brings a slot's ids up to date with new committed text: re-encode, keep the longest
-  common prefix with the current ids, crop the rest (its columns become holes), return the tokens
-  still to prefill. The common case is one token appended: nothing is cropped.
-- `forward` runs one batched forward over every slot's pending tokens. Blocks are right-padded,
-  so a slot's new tokens sit directly after its old ones and no query ever sees a hole inside its
-  own sequence (that keeps sliding-window attention exact); any hole made this step is squeezed
-  out right after by `compact`, which right-aligns every slot's live columns (left padding).
+- `sync` (assists) brings slots' ids up to date with changed committed text: the Retokenizer
+  (engine/retokenize.py) re-encodes a window at the end of each row and gives the full encode's
+  ids; the ids after the first changed one are cropped (the slot's length goes down) and returned
+  as the tokens to prefill. The common case is one token appended: nothing is cropped.
+  `resync="full"` re-encodes whole rows (the old path, for comparisons).
+- `append` (the main member) appends its chosen ids as they are.
+- `forward` runs one batched forward pass over every slot's pending tokens, each written right
+  after the slot's own tokens, with masks built from positions (exact sliding windows).
 - `admit` prefills new prompts in their own forward pass and writes them into free slots, so one
   long prompt never makes every other row compute padding.
 """
@@ -20,6 +20,11 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+
+from .kvcache import SlotCache, attention_masks, layer_windows
+from .retokenize import Retokenizer, Row
+
+PREFILL_MASK_ELEMENTS = 2 ** 28   # admissions are prefilled in groups whose (rows x width^2) stays below
 
 
 def cache_keyword(model) -> str:
@@ -45,38 +50,79 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _cache_of(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 class Lane:
-    def __init__(self, member):
+    """`follows_text`: an assist (its ids follow the committed text); the engine sets it.
+    `resync="full"`: re-encode whole rows every step (the old path, for comparisons)."""
+
+    def __init__(self, member, resync: str = "window"):
+        if resync not in ("window", "full"):
+            raise ValueError(f"resync must be 'window' or 'full', got {resync!r}")
         self.member = member
         self.model = member.model
         self.tokenizer = member.tokenizer
         self.device = torch.device(getattr(member, "device", None) or "cpu")  # where the model runs
-        self.cache = DynamicCache()
+        self.cache = SlotCache()
         self.cache_arg = cache_keyword(self.model) if self.model is not None else "cache"
         self.vocab = len(self.tokenizer)     # ids past it (a padded embedding) never win
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
-        self.ids: list[list[int]] = []       # per slot: the live token ids, in order
+        self.resync = resync
+        self.follows_text = False
+        self.lengths: list[int] = []         # per slot: tokens in its cache
+        self.ids: list[list[int]] = []       # per slot: its token ids (an assist's: its track's)
+        self.tracks: list = []               # per slot: the Retokenizer's Track (prompt + text)
         self.prefix: list[str] = []          # per slot: the member's rendered prompt
+        self.prompt_tokens: list[int] = []   # per slot: tokens of the rendered prompt alone
         self.logits = torch.zeros(0, 0, device=self.device)  # per slot: fp32 next-token logits
-        self.dirty = False                   # a hole was made: compact after the forward
+        self._retokenizer = None
+        self.windows = self.additive = None
+        if self.model is not None:
+            self.windows = layer_windows(self.model.config)
+            kind = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+            if kind not in ("sdpa", "eager"):
+                raise ValueError(f"member {member.name!r}: attention implementation {kind!r}; the engine's "
+                                 "KV cache takes 'sdpa' or 'eager'")
+            self.additive = self.model.dtype if kind == "eager" else None
+
+    @property
+    def retokenizer(self) -> Retokenizer:
+        if self._retokenizer is None:
+            self._retokenizer = Retokenizer(self.tokenizer, windows=self.resync == "window")
+        return self._retokenizer
+
+    @property
+    def windowed(self) -> bool:
+        return self.retokenizer.policy.mode is not None
 
     # ---- tokens -------------------------------------------------------------------------
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts)["input_ids"] if texts else []
-
-    def sync(self, slots: list[int], texts: list[str]) -> list[list[int]]:
-        """New committed text per slot -> the tokens each slot still has to prefill."""
-        fresh = self.encode([self.prefix[s] + t for s, t in zip(slots, texts)])
-        pending = []
-        for s, ids in zip(slots, fresh):
-            keep = common_prefix(self.ids[s], ids)
-            if keep == len(ids) < len(self.ids[s]):
-                keep -= 1  # the text now ends inside the old ids: recompute its last token
-            if keep < len(self.ids[s]):
-                self.crop(s, keep)
-            pending.append(ids[keep:])
-            self.ids[s] = ids
+    def sync(self, slots: list[int], texts: list[str], changed: list[int | None]) -> list[list[int]]:
+        """Each slot's committed text changed from character `changed[i]` on (None: it did not
+        change) -> the tokens it still has to prefill (its cache is cropped to the ids that did
+        not change)."""
+        todo = [i for i, c in enumerate(changed) if c is not None]
+        pending = [[] for _ in slots]
+        if not todo:
+            return pending
+        rows = [slots[i] for i in todo]
+        if self.windowed:
+            keep = self.retokenizer.sync([self.tracks[s] for s in rows],
+                                         [Row(self.prefix[s], texts[i]) for s, i in zip(rows, todo)],
+                                         [len(self.prefix[s]) + changed[i] for s, i in zip(rows, todo)])
+        else:   # the old path: whole rows re-encoded
+            fresh = self.tokenizer([self.prefix[s] + texts[i] for s, i in zip(rows, todo)])["input_ids"]
+            keep = [common_prefix(self.ids[s], ids) for s, ids in zip(rows, fresh)]
+            for s, ids in zip(rows, fresh):
+                self.ids[s] = ids
+            self.retokenizer.fallbacks += len(rows)
+        for s, i, k in zip(rows, todo, keep):
+            ids = self.ids[s]
+            if k == len(ids) < self.lengths[s]:
+                k -= 1  # the text now ends inside the old ids: recompute its last token's logits
+            self.lengths[s] = min(self.lengths[s], k)
+            pending[i] = ids[self.lengths[s]:]
         return pending
 
     def append(self, slots: list[int], tokens: list[int]) -> list[list[int]]:
@@ -87,130 +133,127 @@ class Lane:
             self.ids[s].append(t)
         return [[t] for t in tokens]
 
+    def completion_tokens(self, slot: int, text: str, changed: int) -> int:
+        """The length of `text`, the slot's committed text, in this member's own tokens: the
+        encode of prompt + text less the prompt's. An assist's track encodes prompt + a text equal
+        to this one before character `changed`; the main member's, the prompt alone."""
+        if not self.windowed:
+            full, head = self.tokenizer([self.prefix[slot] + text, self.prefix[slot]])["input_ids"]
+            return len(full) - len(head)
+        c = len(self.prefix[slot]) + (changed if self.follows_text else 0)
+        return self.retokenizer.count(self.tracks[slot], Row(self.prefix[slot], text), c) - self.prompt_tokens[slot]
+
     def crop(self, slot: int, keep: int):
-        live = self.mask[slot].nonzero(as_tuple=True)[0]
-        self.mask[slot, live[keep:]] = 0
-        self.dirty = True
-
-    # ---- cache surgery --------------------------------------------------------------------
-
-    def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
-
-    def _gather_columns(self, index: torch.Tensor):
-        """Rebuild every layer's K/V from (B, W') column indices."""
-        for layer in self._layers():
-            for name in ("keys", "values"):
-                t = getattr(layer, name)
-                idx = index[:, None, :, None].expand(t.shape[0], t.shape[1], index.shape[1], t.shape[3])
-                setattr(layer, name, t.gather(2, idx))
-
-    def compact(self):
-        """Right-align each slot's live columns and drop columns no slot uses."""
-        width = int(self.mask.sum(1).max()) if self.mask.numel() else 0
-        order = torch.argsort(self.mask, dim=1, stable=True)  # holes first, live columns in order
-        index = order[:, order.shape[1] - width:]
-        self._gather_columns(index)
-        self.mask = self.mask.gather(1, index)
-        self.dirty = False
+        self.lengths[slot] = min(self.lengths[slot], keep)
 
     def keep_slots(self, slots: list[int]):
         """Drop every other slot (finished rows with no prompt waiting)."""
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        for layer in self._layers():
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        self.mask = self.mask[index]
+        self.cache.keep(index)
         self.logits = self.logits[index]
-        self.ids = [self.ids[s] for s in slots]
-        self.prefix = [self.prefix[s] for s in slots]
-        live_cols = self.mask.any(0).nonzero(as_tuple=True)[0]
-        if len(live_cols) and live_cols[0] > 0:  # trim columns no slot uses any more
-            self._gather_columns(torch.arange(int(live_cols[0]), self.mask.shape[1], device=self.device)
-                                 .expand(len(slots), -1))
-            self.mask = self.mask[:, int(live_cols[0]):]
+        for name in ("lengths", "ids", "tracks", "prefix", "prompt_tokens"):
+            setattr(self, name, [getattr(self, name)[s] for s in slots])
 
     # ---- forward passes -----------------------------------------------------------------
 
-    def _run(self, tokens: list[list[int]], mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
-        """Forward right-padded blocks of `tokens` after `mask`'s columns. Returns each row's
-        logits after its last real token."""
-        width = max(len(t) for t in tokens)
-        # built on the host and copied to the device: the new tokens, right-padded, and where they are
-        input_ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
-        block = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
-        last = torch.tensor([max(len(t), 1) - 1 for t in tokens])
-        input_ids, block, last = (x.to(self.device, non_blocking=True) for x in (input_ids, block, last))
-        before = mask.sum(1, keepdim=True)
-        positions = before + torch.arange(width, device=self.device)[None, :]
-        full_mask = torch.cat([mask, block], dim=1)
-        with torch.no_grad():
-            # only each row's last position goes through the output layer: on a long prefill the
-            # (rows x width x vocabulary) logits would cost more time and memory than the model
-            out = self.model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=last[:, None], **{self.cache_arg: cache})
-        return without_padding(out.logits[:, -1].float(), self.vocab), full_mask
-
     def forward(self, slots: list[int], pending: list[list[int]]):
-        """Prefill each listed slot's pending tokens (every other slot gets only padding)."""
-        tokens = [[] for _ in range(self.mask.shape[0])]
+        """Prefill each listed slot's pending tokens, right after its cached ones (every other
+        slot computes padding, written past its length)."""
+        n = [0] * len(self.lengths)
         for s, p in zip(slots, pending):
-            tokens[s] = p
-        width = max(len(t) for t in tokens)
+            n[s] = len(p)
+        width = max(n)
         if width == 0:  # no new tokens anywhere (the text did not change): logits still hold
             return
-        if any(len(p) != width for p in pending):
-            self.dirty = True  # some live slot got a hole column after its tokens
-        logits, self.mask = self._run(tokens, self.mask, self.cache)
+        tokens = [[0] * width for _ in n]
         for s, p in zip(slots, pending):
-            if p:  # a slot with no new tokens keeps the logits of its unchanged sequence
-                self.logits[s] = logits[s]
-        if self.dirty:
-            self.compact()
+            tokens[s][:len(p)] = p
+        host = torch.tensor([self.lengths, n], dtype=torch.long)
+        ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+        lengths, count = host.to(self.device, non_blocking=True)
+        positions = lengths[:, None] + torch.arange(width, device=self.device)[None, :]
+        columns = max(self.lengths) + width
+        self.cache.reserve(len(n), columns)
+        self.cache.write, self.cache.width = positions, columns
+        masks = attention_masks(self.windows, positions, columns, self.additive)
+        logits, _ = self._run(ids, positions, masks, self.cache, count)
+        moved = [s for s, p in zip(slots, pending) if p]
+        index = torch.tensor(moved, dtype=torch.long).to(self.device, non_blocking=True)
+        self.logits.index_copy_(0, index, logits.index_select(0, index))
+        for s in moved:
+            self.lengths[s] += n[s]
+
+    def _run(self, ids, positions, mask, cache, count):
+        """One forward pass; the logits after each row's last real token (`count` tokens, right-
+        padded): only those positions go through the output layer. Returns (logits, output)."""
+        width = ids.shape[1]
+        last = (count - 1).clamp(min=0)
+        keep = 1 if width == 1 else torch.unique(last)
+        with torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=keep, **{self.cache_arg: cache})
+        logits = out.logits[:, -1] if width == 1 else \
+            out.logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)]
+        return without_padding(logits.float(), self.vocab), out
 
     def admit(self, slots: list[int], prompts: list[str]):
-        """Prefill new prompts (own forward, own cache) and write them right-aligned into
-        `slots`: free slots (their old columns become holes) or new ones past the end."""
+        """Prefill new prompts (own forward passes, fresh caches) and write them into `slots`:
+        free slots or new ones past the end."""
         prefixes = [self.member.render(p) for p in prompts]
-        ids = self.encode(prefixes)
+        if self.windowed:
+            tracks = self.retokenizer.encode(prefixes)
+            ids = [t.ids if self.follows_text else list(t.ids) for t in tracks]
+        else:
+            ids = self.tokenizer(prefixes)["input_ids"]
+            tracks = [None] * len(ids)
         for prompt, i in zip(prompts, ids):
             if not i:
                 raise ValueError(f"member {self.member.name!r}: the prompt {prompt[:40]!r} has no tokens")
-        fresh = DynamicCache()
-        logits, _ = self._run(ids, torch.zeros(len(ids), 0, dtype=torch.long, device=self.device), fresh)
-        new_layers = [l for l in fresh.layers if getattr(l, "is_initialized", False)]
-        if not self._layers():  # first admission: empty layers shaped like the model's
-            for i, layer in enumerate(new_layers):
-                self.cache.update(layer.keys[:0, :, :0], layer.values[:0, :, :0], i)
-            self.logits = torch.zeros(0, logits.shape[1], device=self.device)
-        lengths = [len(i) for i in ids]
-        self._resize(max(max(slots) + 1, self.mask.shape[0]), max(max(lengths), self.mask.shape[1]))
-        width = self.mask.shape[1]
-        for j, (s, n) in enumerate(zip(slots, lengths)):
-            self.mask[s] = 0
-            self.mask[s, width - n:] = 1
-            for mine, new in zip(self._layers(), new_layers):
-                for name in ("keys", "values"):
-                    t = getattr(mine, name)
-                    t[s] = 0
-                    t[s, :, width - n:] = getattr(new, name)[j, :, :n]
-            self.ids[s], self.prefix[s], self.logits[s] = ids[j], prefixes[j], logits[j]
+        self._grow(max(max(slots) + 1, len(self.lengths)))
+        self.cache.reserve(len(self.lengths), max(len(i) for i in ids))
+        for group in _groups([len(i) for i in ids]):
+            self._prefill([slots[j] for j in group], [ids[j] for j in group])
+        for j, s in enumerate(slots):
+            self.lengths[s], self.ids[s], self.tracks[s], self.prefix[s] = len(ids[j]), ids[j], tracks[j], prefixes[j]
+            self.prompt_tokens[s] = len(ids[j])
 
-    def _resize(self, rows: int, width: int):
-        """Grow to `rows` slots and `width` columns (new columns on the left: holes)."""
-        old_rows, old_width = self.mask.shape
-        if (rows, width) == (old_rows, old_width):
+    def _prefill(self, slots: list[int], ids: list[list[int]]):
+        """Right-padded prompts with transformers' own masks (no holes: columns are positions)."""
+        width = max(len(i) for i in ids)
+        tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids], dtype=torch.long, device=self.device)
+        count = torch.tensor([len(i) for i in ids], dtype=torch.long, device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :] < count[:, None]).long()
+        positions = torch.arange(width, device=self.device)[None, :].expand(len(ids), -1)
+        logits, out = self._run(tokens, positions, mask, DynamicCache(), count)
+        layers = [layer for layer in _cache_of(out).layers if getattr(layer, "is_initialized", False)]
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.cache.put(index, [layer.keys for layer in layers], [layer.values for layer in layers], width)
+        if self.logits.shape[1] != logits.shape[1]:
+            self.logits = torch.zeros(len(self.lengths), logits.shape[1], device=self.device)
+        self.logits.index_copy_(0, index, logits)
+
+    def _grow(self, rows: int):
+        """At least `rows` slots (new ones empty)."""
+        extra = rows - len(self.lengths)
+        if extra <= 0:
             return
-        mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
-        mask[:old_rows, width - old_width:] = self.mask
-        self.mask = mask
-        for layer in self._layers():
-            for name in ("keys", "values"):
-                t = getattr(layer, name)
-                grown = t.new_zeros(rows, t.shape[1], width, t.shape[3])
-                grown[:old_rows, :, width - old_width:] = t
-                setattr(layer, name, grown)
-        logits = torch.zeros(rows, self.logits.shape[1], device=self.device)
-        logits[:old_rows] = self.logits
-        self.logits = logits
-        self.ids += [[] for _ in range(rows - old_rows)]
-        self.prefix += ["" for _ in range(rows - old_rows)]
+        self.lengths += [0] * extra
+        self.ids += [[] for _ in range(extra)]
+        self.tracks += [None] * extra
+        self.prefix += [""] * extra
+        self.prompt_tokens += [0] * extra
+        if self.logits.numel():
+            self.logits = torch.cat([self.logits, self.logits.new_zeros(extra, self.logits.shape[1])])
+
+
+def _groups(lengths: list[int]) -> list[list[int]]:
+    """Admitted prompts in groups whose prefill masks stay below PREFILL_MASK_ELEMENTS."""
+    groups, current, width = [], [], 0
+    for j in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        w = max(width, lengths[j])
+        if current and (len(current) + 1) * w * w > PREFILL_MASK_ELEMENTS:
+            groups.append(current)
+            current, w = [], lengths[j]
+        current.append(j)
+        width = w
+    return groups + [current] if current else groups

@@ -77,7 +77,7 @@ class Pipeline:
                 if x in staged:
                     self._resume(x, *staged.pop(x))
                 pending[x] = x.begin_step()
-            finished, keep, texts = y.end_step(pending.pop(y))
+            finished, keep, texts, changed = y.end_step(pending.pop(y))
             if root:
                 results += finished
                 for result in finished if on_result is not None else ():
@@ -88,17 +88,17 @@ class Pipeline:
             if plan.done:       # y's rows are done and nothing is waiting
                 live.remove(y)
             elif x is None:     # y runs alone
-                self._resume(y, keep, texts, plan)
+                self._resume(y, keep, texts, changed, plan)
                 pending[y] = y.begin_step()
             else:               # to the back of the ring: its forward pass runs in a later window
-                staged[y] = (keep, texts, plan)
+                staged[y] = (keep, texts, changed, plan)
                 live = live[1:] + [y]
         return results
 
     @staticmethod
-    def _resume(e: Engine, keep: list[int], texts: list[str], plan):
+    def _resume(e: Engine, keep: list[int], texts: list[str], changed: list, plan):
         """A half's forward pass over its committed tokens, then its plan's admissions."""
-        e.advance(keep, texts)
+        e.advance(keep, texts, changed)
         e.apply(plan)
 
     def breakdown(self) -> dict[str, float]:
@@ -134,5 +134,5 @@ def make_engine(members, fuser, max_batch: int, lanes: dict[int, Lane], exchange
     parts = micro_batches_for(max_batch, micro_batches)
     if parts == 1:
         return Engine(members, fuser, max_batch, lanes, exchange)
-    return Pipeline(members, fuser, max_batch, lambda: {i: Lane(lane.member) for i, lane in lanes.items()},
+    return Pipeline(members, fuser, max_batch, lambda: {i: Lane(lane.member, lane.resync) for i, lane in lanes.items()},
                     exchange, parts)

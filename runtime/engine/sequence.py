@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .detokenize import Text
 from .sampling import GREEDY, SamplingParams
 
 
@@ -32,6 +33,7 @@ class Row:
     request: Request
     ids: list[int] = field(default_factory=list)
     text: str = ""
+    decoded: Text = field(default_factory=Text)   # the text's decode window (engine/detokenize.py)
     fused_steps: int = 0
     admitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None

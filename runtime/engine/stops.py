@@ -21,7 +21,12 @@ def parse_stop(text: str) -> str:
     return _ESCAPE.sub(replace, text)
 
 
-def completes_stop(text: str, stop: tuple[str, ...]) -> str | None:
-    """The text up to the first stop string it contains, or None if it contains none."""
-    cut = [text.index(s) for s in stop if s and s in text]
+def completes_stop(text: str, stop: tuple[str, ...], changed: int = 0) -> str | None:
+    """The text up to the first stop string it contains, or None if it contains none. `changed`:
+    the text before this index was checked before (it held no stop string), so only stop strings
+    ending after it are looked for."""
+    if not stop:
+        return None
+    start = max(0, changed - max(map(len, stop)) + 1)
+    cut = [i for i in (text.find(s, start) for s in stop if s) if i >= 0]
     return text[:min(cut)] if cut else None
