@@ -11,11 +11,24 @@ Because columns are positions, `attention_masks` builds the masks in the model's
 causal, and for sliding-window layers the last `window` positions, exactly; a crop can never leave
 a hole inside a window. Models with several kinds of layers (Gemma-2/3, Qwen2 with sliding layers)
 get one mask per kind (transformers' mask mapping); the others one mask.
+
+`packed_attention` is transformers' SDPA attention with grouped-query heads packed for any number
+of new tokens: transformers packs the query heads of a key/value head together only for a single
+new token, and otherwise repeats the keys and values for every query head (a copy of the whole
+cache, every layer); an assist often prefills a few tokens after a crop, so the lanes' steps use
+this instead (`packed`), the prefill keeps transformers' own.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+PACKED = "deepen_packed_sdpa"
 
 
 class SlotCache(Cache):
@@ -117,3 +130,34 @@ def attention_masks(windows, positions: torch.Tensor, width: int, additive_dtype
     if isinstance(windows, dict):
         return {kind: one(w) for kind, w in windows.items()}
     return one(windows)
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA with the query heads of each key/value head stacked as extra queries (no repeated keys
+    and values); anything else goes to transformers' own SDPA attention."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, h, q, d = query.shape
+    if groups == 1 or q == 1 or attention_mask is None or attention_mask.shape[1] != 1 or dropout \
+            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    out = F.scaled_dot_product_attention(query.reshape(b, h // groups, groups * q, d), key, value,
+                                         attn_mask=attention_mask.repeat(1, 1, groups, 1), scale=scaling)
+    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED, packed_attention)
+
+
+@contextmanager
+def packed(configs: list):
+    """The models of these configs attend with `packed_attention` inside the block (sdpa ones only)."""
+    saved = [c._attn_implementation_internal for c in configs]
+    for c, kind in zip(configs, saved):
+        if kind == "sdpa":
+            c._attn_implementation_internal = PACKED
+    try:
+        yield
+    finally:
+        for c, kind in zip(configs, saved):
+            c._attn_implementation_internal = kind

@@ -21,7 +21,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from .kvcache import SlotCache, attention_masks, layer_windows
+from .kvcache import SlotCache, attention_masks, layer_windows, packed
 from .retokenize import Retokenizer, Row
 
 PREFILL_MASK_ELEMENTS = 2 ** 28   # admissions are prefilled in groups whose (rows x width^2) stays below
@@ -78,6 +78,7 @@ class Lane:
         self.logits = torch.zeros(0, 0, device=self.device)  # per slot: fp32 next-token logits
         self._retokenizer = None
         self.windows = self.additive = None
+        self.configs = []
         if self.model is not None:
             self.windows = layer_windows(self.model.config)
             kind = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
@@ -85,6 +86,8 @@ class Lane:
                 raise ValueError(f"member {member.name!r}: attention implementation {kind!r}; the engine's "
                                  "KV cache takes 'sdpa' or 'eager'")
             self.additive = self.model.dtype if kind == "eager" else None
+            self.configs = list({id(m.config): m.config for m in self.model.modules()
+                                 if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}.values())
 
     @property
     def retokenizer(self) -> Retokenizer:
@@ -176,7 +179,8 @@ class Lane:
         self.cache.reserve(len(n), columns)
         self.cache.write, self.cache.width = positions, columns
         masks = attention_masks(self.windows, positions, columns, self.additive)
-        logits, _ = self._run(ids, positions, masks, self.cache, count)
+        with packed(self.configs):
+            logits, _ = self._run(ids, positions, masks, self.cache, count)
         moved = [s for s, p in zip(slots, pending) if p]
         index = torch.tensor(moved, dtype=torch.long).to(self.device, non_blocking=True)
         self.logits.index_copy_(0, index, logits.index_select(0, index))

@@ -169,16 +169,17 @@ class Track:
         self.starts: list[int] = []
         self.ends: list[int] = []
         self.words: list[int] = []
-        if encoding is not None:
-            self.extend(encoding, 0, 0)
+        if encoding is not None:   # a full encode: the template's special tokens are no boundaries
+            self.extend(encoding.ids, encoding.offsets, encoding.word_ids, 0, 0)
+            for i, (special, w) in enumerate(zip(encoding.special_tokens_mask, encoding.word_ids)):
+                if special and w is None and self.starts[i] == self.ends[i] == 0:
+                    self.starts[i] = self.ends[i] = -1
 
-    def extend(self, encoding, shift: int, word_shift: int):
-        self.ids.extend(encoding.ids)
-        for (a, b), w, special in zip(encoding.offsets, encoding.word_ids, encoding.special_tokens_mask):
-            template = special and a == b == 0 and w is None
-            self.starts.append(-1 if template else a + shift)
-            self.ends.append(-1 if template else b + shift)
-            self.words.append(-1 if w is None else w + word_shift)
+    def extend(self, ids: list[int], offsets: list, words: list, shift: int, word_shift: int):
+        self.ids.extend(ids)
+        self.starts.extend([a + shift for a, _ in offsets])
+        self.ends.extend([b + shift for _, b in offsets])
+        self.words.extend([-1 if w is None else w + word_shift for w in words])
 
     def cut(self, k: int):
         del self.ids[k:], self.starts[k:], self.ends[k:], self.words[k:]
@@ -264,7 +265,7 @@ class Retokenizer:
             texts.append(row.tail(track.starts[at[0]]))
         if texts:
             for (i, k, k2), enc in zip(plans, self.policy.window.encode_batch(texts, add_special_tokens=False)):
-                kept = self._splice(tracks[i], k, k2, enc)
+                kept = self._splice(tracks[i], k, k2, enc.ids, enc.offsets, enc.word_ids)
                 if kept is None:
                     full.append(i)
                 else:
@@ -279,10 +280,9 @@ class Retokenizer:
             self.fallbacks += len(full)
         return keep
 
-    def _fits(self, track: Track, k: int, k2: int, enc) -> bool:
+    def _fits(self, track: Track, k: int, k2: int, ids: list, offsets: list, words: list) -> bool:
         """Does a window's encoding start as the old tokens did (its first token; in word mode its
         first pre-token, ids, offsets and the boundary after it)?"""
-        ids, offsets, words = enc.ids, enc.offsets, enc.word_ids
         b, n = track.starts[k], k2 - k
         if len(ids) <= n or ids[0] != track.ids[k] or offsets[0][0] != 0:
             self._refuse("the window's first token differs")
@@ -293,15 +293,15 @@ class Retokenizer:
             return False
         return True
 
-    def _splice(self, track: Track, k: int, k2: int, enc) -> int | None:
+    def _splice(self, track: Track, k: int, k2: int, ids: list, offsets: list, words: list) -> int | None:
         """Put a window's encoding in place of tokens k.. Returns the ids kept, or None (refused)."""
-        if not self._fits(track, k, k2, enc):
+        if not self._fits(track, k, k2, ids, offsets, words):
             return None
-        kept = _common(track.ids, enc.ids, k)
-        word_shift = track.words[k] - (enc.word_ids[0] if enc.word_ids[0] is not None else -1)
+        kept = _common(track.ids, ids, k)
+        word_shift = track.words[k] - (words[0] if words[0] is not None else -1)
         b = track.starts[k]
         track.cut(k)
-        track.extend(enc, b, word_shift)
+        track.extend(ids, offsets, words, b, word_shift)
         return kept
 
     def count(self, track: Track, row: Row, c: int) -> int:
@@ -310,7 +310,7 @@ class Retokenizer:
         at = self.window_start(track, c, row) if self.policy.mode else None
         if at is not None:
             enc = self.policy.window.encode(row.tail(track.starts[at[0]]), add_special_tokens=False)
-            if self._fits(track, *at, enc):
+            if self._fits(track, *at, enc.ids, enc.offsets, enc.word_ids):
                 return at[0] + len(enc.ids)
         if self.policy.full is None:
             return len(self.tokenizer(row.tail(0))["input_ids"])
