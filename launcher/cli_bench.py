@@ -19,6 +19,12 @@ device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUD
 @click.command("bench", cls=Command)
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
 @click.option("--batch", default="1,8,32", show_default=True, help="comma-separated batch sizes")
+@click.option("--context", "contexts", default=None,
+              help="comma-separated prompt lengths in tokens of the main member (e.g. 64,1024,4096): every "
+                   "batch size runs at each, on the bench prompts grown (earlier prompts before them) or cut to it")
+@click.option("--host-path", "host_paths", default="incremental", show_default=True,
+              help="comma-separated: incremental (windowed resync, incremental text) and/or full (the old path: "
+                   "whole rows re-encoded and decoded every step), each run in turn")
 @click.option("--new-tokens", default=32, show_default=True)
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
               help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
@@ -29,18 +35,22 @@ device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUD
 @click.option("--reference-prompts", default=2, show_default=True)
 @click.option("--reference-tokens", default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False), help="write the JSON here")
-@click.option("--plots", type=click.Path(file_okay=False), help="write throughput.png and breakdown.png here")
+@click.option("--plots", type=click.Path(file_okay=False),
+              help="write throughput.png and breakdown.png here (and host.png with --context)")
 @click.option("--temperature", default=0.0, show_default=True,
               help="time a sampled run (every series draws at this temperature; 0: greedy)")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--logprobs", type=int, default=None, help="also report N alternatives' log-probabilities")
 @device_option
-def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, reference_prompts,
+def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path, repeat, compare, reference_prompts,
                   reference_tokens, output, plots, temperature, top_p, top_k, logprobs, device):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
-    from one run, with the share of step time in each part (min/median/max over --repeat)."""
-    from runtime.bench.bench import bench, bench_prompts, exact_fuser_if_it_fits, plot, table
+    from one run, with the share of step time in each part (min/median/max over --repeat), and
+    the host's work per step (everything but the forward passes and the fused step's math)
+    against the members' own, by prompt length with --context. Prints the CPU's flags."""
+    from runtime.bench.bench import bench, bench_prompts, cpu_flags, exact_fuser_if_it_fits, plot, table
+    from runtime.bench.context import host_plot, host_table
     from runtime.jobs.progress import peak_rss_mb
     from runtime.members.ensemble import anchors_entry, load_members, make_fuser
     cfg = load_config(config)
@@ -49,18 +59,34 @@ def bench_command(config, batch, new_tokens, prompts_path, repeat, compare, refe
     fuser = make_fuser(cfg, members, entry)
     exact = exact_fuser_if_it_fits(cfg, members, entry, log=echo_err) if "exact" in compare else None
     sampling = sampling_from(temperature, top_p, top_k, 1, logprobs)
-    result = bench(members, fuser, bench_prompts(prompts_path), [int(b) for b in batch.split(",")], new_tokens,
-                   repeat, tuple(compare.split(",")) if compare else (), reference_prompts, reference_tokens,
-                   log=echo_err, exact_fuser=exact, sampling=sampling)
+    paths = host_paths.split(",")
+    if set(paths) - {"incremental", "full"}:
+        raise click.BadParameter("expected incremental and/or full", param_hint="--host-path")
+    result = None
+    for path in paths:
+        part = bench(members, fuser, bench_prompts(prompts_path), [int(b) for b in batch.split(",")], new_tokens,
+                     repeat, tuple(c for c in compare.split(",") if c and c != "none"), reference_prompts,
+                     reference_tokens, log=echo_err, exact_fuser=exact, sampling=sampling,
+                     contexts=[int(c) for c in contexts.split(",")] if contexts else None,
+                     incremental=path == "incremental")
+        if result is None:
+            result = part
+        else:
+            result["batches"] += part["batches"]
     result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "sampling": sampling.pack()})
+                   "sampling": sampling.pack(), "cpu": cpu_flags()})
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(f"CPU: {result['cpu']}")
     click.echo(table(result))
+    click.echo("")
+    click.echo(host_table(result))
     click.echo(f"peak RSS of this process: {result['peak_rss_mb']} MB")
     if plots:
         for path in plot(result, plots):
             click.echo(f"plot: {path}")
+        if contexts:
+            click.echo(f"plot: {host_plot(result, Path(plots) / 'host.png')}")
 
 
 @click.command("bench-compare", cls=Command)
@@ -180,6 +206,68 @@ def measure_step(config, batch, steps, output, device):
     prompts = qa_prompts("triviaqa", "dev", 32)
     rows = [fusion_timing(members, fuser, prompts, int(b), steps) for b in batch.split(",")]
     _report({"config": config, "mode": fuser.mode, "results": rows}, output)
+
+
+@measure.command("forward")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--member", default=None, help="the member to time (default: the main member)")
+@click.option("--context", "contexts", default="64,256,1024,2048,4096", show_default=True,
+              help="comma-separated prompt lengths in the member's tokens")
+@click.option("--batch", default=8, show_default=True)
+@click.option("--new-tokens", default=16, show_default=True)
+@click.option("--repeat", default=3, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG of ms/step against context here")
+@device_option
+def measure_forward(config, member, contexts, batch, new_tokens, repeat, output, plot_path, device):
+    """A member's decode-step forward pass against context length: through our engine (member
+    alone) and through transformers' `generate` on the same prompts (median ms/step)."""
+    from runtime.bench.bench import bench_prompts, cpu_flags
+    from runtime.bench.context import forward_plot, forward_table, forward_vs_context
+    from runtime.members.ensemble import load_members
+    cfg = load_config(config)
+    members = load_members(cfg, log=echo_err, device=pick_device(device))
+    chosen = members[0] if member is None else next((m for m in members if m.name == member), None)
+    if chosen is None:
+        raise ValueError(f"--member: no member named {member!r} (members: {', '.join(m.name for m in members)})")
+    rows = forward_vs_context(chosen, bench_prompts(), [int(c) for c in contexts.split(",")], batch, new_tokens,
+                              repeat, log=echo_err)
+    result = {"config": config, "member": chosen.name, "cpu": cpu_flags(), "rows": rows}
+    if output:
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(f"CPU: {result['cpu']}")
+    click.echo(forward_table(rows))
+    if plot_path:
+        click.echo(f"plot: {forward_plot(result, plot_path)}")
+
+
+@measure.command("round-trips")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--batch", default=8, show_default=True)
+@click.option("--new-tokens", default=16, show_default=True)
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
+              help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
+@click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
+@device_option
+def measure_round_trips(config, batch, new_tokens, prompts_path, output, device):
+    """Host round-trips per step (a tensor's values read into Python: item, tolist, bool, int,
+    float, index, cpu, numpy): the ensemble, each member alone through the same engine, and the
+    ensemble's own (its count less the members')."""
+    from runtime.bench.bench import batch_of, bench_prompts
+    from runtime.engine.roundtrips import per_step
+    from runtime.engine.engine import Engine
+    from runtime.engine.sequence import Request
+    from runtime.members.ensemble import anchors_entry, load_members, make_fuser, single_fuser
+    cfg = load_config(config)
+    members = load_members(cfg, log=echo_err, device=pick_device(device))
+    fuser = make_fuser(cfg, members, anchors_entry(cfg, members, log=echo_err))
+    prompts = batch_of(bench_prompts(prompts_path), batch)
+    requests = lambda: [Request(i, p, new_tokens) for i, p in enumerate(prompts)]  # noqa: E731
+    Engine(members, fuser, batch).run(requests()[:2])   # warm-up: first-use work is not a step's
+    result = {"config": config, "batch": batch, "ensemble": per_step(lambda: Engine(members, fuser, batch), requests())}
+    result["members"] = {m.name: per_step(lambda m=m: Engine([m], single_fuser([m]), batch), requests()) for m in members}
+    result["ensemble_own"] = result["ensemble"]["per_step"] - sum(v["per_step"] for v in result["members"].values())
+    _report(result, output)
 
 
 def _report(result: dict, output: str | None):

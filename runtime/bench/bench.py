@@ -15,6 +15,22 @@ from ..engine.sequence import Request
 from ..members.ensemble import single_fuser
 
 
+def cpu_flags() -> str:
+    """The CPU's model and the flags that decide speed here (AVX-512 BF16 rows of P run 2.5x
+    faster than AVX2 alone), for every printed figure."""
+    import platform
+    fields = {}
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    shown = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in flags]
+    return f"{fields.get('model name', platform.machine())}; {', '.join(shown) or 'no AVX2'}"
+
+
 def bench_prompts(path=None) -> list[str]:
     """The prompts a bench decodes: a JSON-lines file's 'prompt' fields, or by default 32
     TriviaQA dev 5-shot prompts (long enough that prefill and the cache matter)."""
@@ -49,12 +65,20 @@ ROW_COUNTS = ("rows", "fused_rows", "decided_rows", "agreeing_rows")
 FUSION_PARTS = ("rules", "relative", "search")   # the fusion itself (one process: no gather)
 
 
-def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int, sampling=GREEDY) -> dict:
+def host_seconds(breakdown: dict, total: float) -> float:
+    """The host's work in a run: everything but the members' forward passes (prefill included)
+    and the fused step's math."""
+    model = sum(v for k, v in breakdown.items() if k.startswith(("forward:", "prefill:")))
+    return total - model - sum(breakdown.get(k, 0.0) for k in FUSION_PARTS)
+
+
+def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int, sampling=GREEDY,
+               incremental: bool = True) -> dict:
     if hasattr(fuser, "reset_counts"):   # this run's time per part and row counts, not the fuser's so far
         fuser.reset_counts()
     if hasattr(fuser, "forget_rows"):   # every repetition starts with empty row stores
         fuser.forget_rows()
-    engine = Engine(members, fuser, max_batch=batch)
+    engine = Engine(members, fuser, max_batch=batch, incremental=incremental)
     requests = [Request(i, p, new_tokens, sampling=sampling if sampling.greedy else
                         SamplingParams(**{**sampling.pack(), "seed": stable_seed("bench", i)}))
                 for i, p in enumerate(prompts)]
@@ -80,14 +104,19 @@ def run_reference(members, fuser, prompts: list[str], new_tokens: int) -> dict:
 
 def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: int, repeat: int,
           compare: tuple[str, ...] = ("members", "reference"), reference_prompts: int = 2,
-          reference_tokens: int = 8, log=print, exact_fuser=None, sampling=GREEDY) -> dict:
+          reference_tokens: int = 8, log=print, exact_fuser=None, sampling=GREEDY,
+          contexts: list[int] | None = None, incremental: bool = True) -> dict:
     """Each batch size B decodes B prompts (all in flight at once) for `new_tokens` tokens
-    (`sampling`: every series draws with these settings, seeded per prompt)."""
+    (`sampling`: every series draws with these settings, seeded per prompt). `contexts`: run
+    every batch size at each of these prompt lengths (tokens of the main member; the prompts
+    grown or cut to it, bench/context.py). `incremental=False`: the old host path."""
+    from .context import prompts_of_length
     log("warm-up")
-    run_engine(members, fuser, prompts[:2], 2, 2)
-    out = {"new_tokens": new_tokens, "repeat": repeat, "batches": []}
-    for batch in batches:
-        chosen = batch_of(prompts, batch)
+    run_engine(members, fuser, prompts[:2], 2, 2, incremental=incremental)
+    out = {"new_tokens": new_tokens, "repeat": repeat, "batches": [], "incremental": incremental}
+    for context, batch in [(c, b) for c in (contexts or [None]) for b in batches]:
+        chosen = batch_of(prompts, batch) if context is None else \
+            prompts_of_length(prompts, members[0].tokenizer, context, batch)
         # one repetition of every series, then the next: a slow minute on a shared machine
         # then slows all series alike instead of the one that happened to be running
         series = {"ensemble": (members, fuser)}
@@ -96,13 +125,16 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
         runs = {name: [] for name in series}
         for r in range(repeat):
             for name, (group, f) in series.items():
-                log(f"batch {batch}: {name}{'' if name == 'ensemble' else ' alone'} {r + 1}/{repeat}")
-                runs[name].append(run_engine(group, f, chosen, batch, new_tokens, sampling))
-        row = {"batch": batch, "ensemble": _summary(runs.pop("ensemble"))}
+                at = "" if context is None else f" context {context}"
+                log(f"batch {batch}{at}: {name}{'' if name == 'ensemble' else ' alone'} {r + 1}/{repeat}")
+                runs[name].append(run_engine(group, f, chosen, batch, new_tokens, sampling, incremental))
+        row = {"batch": batch, "context": context, "host_path": "incremental" if incremental else "full",
+               "ensemble": _summary(runs.pop("ensemble"))}
         if runs:
             row["members"] = {name: _summary(v) for name, v in runs.items()}
             solo_sum = sum(v["step_s"]["median"] for v in row["members"].values())
             row["ensemble_step_over_sum_of_solo_steps"] = row["ensemble"]["step_s"]["median"] / solo_sum
+            row["members_host_s_per_step"] = sum(v["host_s_per_step"] for v in row["members"].values())
         out["batches"].append(row)
     if "exact" in compare and exact_fuser is not None:
         runs = {"fast": [], "exact": []}
@@ -132,7 +164,12 @@ def _summary(runs: list[dict]) -> dict:
     total = statistics.median(r["seconds"] for r in runs)
     breakdown = {k: statistics.median(r["breakdown_s"].get(k, 0.0) for r in runs) for k in keys}
     forward = sum(v for k, v in breakdown.items() if k.startswith(("forward:", "prefill:")))
+    steps = max(runs[0]["steps"], 1)
     return {"tokens_per_s": spread([r["tokens_per_s"] for r in runs]),
+            "host_s_per_step": host_seconds(breakdown, total) / steps,
+            "resync_s_per_step": breakdown.get("resync", 0.0) / steps,
+            "forward_s_per_step": forward / steps,
+            "fusion_s_per_step": sum(breakdown.get(k, 0.0) for k in FUSION_PARTS) / steps,
             "step_s": spread([r["step_s"] for r in runs]),
             "ttft_s": spread([r["ttft_s"] for r in runs]),
             "tokens": runs[0]["tokens"], "steps": runs[0]["steps"],
@@ -147,7 +184,10 @@ def table(result: dict) -> str:
     def cell(value, fmt: str) -> str:
         return "–" if value is None else format(value, fmt)
 
-    lines = ["| batch | ensemble tok/s (min/med/max) | " +
+    rows = result["batches"]
+    labelled = any(r.get("context") for r in rows) or len({r.get("host_path") for r in rows}) > 1
+    label = lambda r: f"{r['batch']} @ {r.get('context') or '–'}, {r.get('host_path', 'incremental')}"  # noqa: E731
+    lines = [("| batch @ context, host path" if labelled else "| batch") + " | ensemble tok/s (min/med/max) | " +
              " | ".join(f"{n} alone tok/s" for n in result["batches"][0].get("members", {})) +
              " | step / sum of solo steps | fusion | outside forward | rows fused / decided / agreeing "
              "(of all) | vs reference |",
@@ -155,7 +195,7 @@ def table(result: dict) -> str:
     for row in result["batches"]:
         e = row["ensemble"]["tokens_per_s"]
         solo = " | ".join(f"{v['tokens_per_s']['median']:.1f}" for v in row.get("members", {}).values())
-        lines.append(f"| {row['batch']} | {e['min']:.1f} / {e['median']:.1f} / {e['max']:.1f} | {solo} | "
+        lines.append(f"| {label(row) if labelled else row['batch']} | {e['min']:.1f} / {e['median']:.1f} / {e['max']:.1f} | {solo} | "
                      f"{cell(row.get('ensemble_step_over_sum_of_solo_steps'), '.2f')} | "
                      f"{cell(row['ensemble'].get('fusion_share'), '.1%')} | "
                      f"{row['ensemble']['outside_forward_share']:.1%} | {_rows(row['ensemble'])} | "

@@ -26,6 +26,7 @@ import torch
 from ..deepen.protocol import LOCAL
 from .detokenize import Detokenizer
 from .lane import Lane
+from .roundtrips import maybe_counting
 from .sampling import GREEDY, Sampler, stable_seed
 from .scheduler import Plan, Scheduler
 from .sequence import Request, Result, Row
@@ -87,7 +88,16 @@ class Engine:
                 "rows_fused_here": int(getattr(self.fuser, "rows_fused_here", 0)),
                 "neglected_mass_sum": [n[0] for n in neglected] if neglected else None,
                 "neglected_mass_max": [n[1] for n in neglected] if neglected else None,
+                "resync": self.resync_counts(),
+                **({"round_trips_per_step": self.stats["round_trips"] / max(self.steps, 1)}
+                   if "round_trips" in self.stats else {}),
                 "breakdown_s": self.breakdown()}
+
+    def resync_counts(self) -> dict:
+        """Per assist run here: rows synced from a window and from a full re-encode (and why)."""
+        return {lane.member.name: {"windows": lane.retokenizer.windows, "full": lane.retokenizer.fallbacks,
+                                   "why": dict(lane.retokenizer.fallback_reasons)}
+                for i, lane in self.lanes.items() if i != 0 and lane._retokenizer is not None}
 
     def _timed(self, key: str, fn, *args):
         t0 = time.perf_counter()
@@ -106,18 +116,22 @@ class Engine:
             self.scheduler.add(requests)
             self.scheduler.source = source
         results = []
-        while True:
-            if tick is not None and self.exchange.is_root:
-                tick()
-            plan = self.next_plan()
-            if plan.done:
-                return results
-            self.apply(plan)
-            for result in self.step():
-                if self.exchange.is_root:
-                    results.append(result)
-                    if on_result is not None:
-                        on_result(result)
+        with maybe_counting() as counts:
+            while True:
+                if tick is not None and self.exchange.is_root:
+                    tick()
+                plan = self.next_plan()
+                if plan.done:
+                    break
+                self.apply(plan)
+                for result in self.step():
+                    if self.exchange.is_root:
+                        results.append(result)
+                        if on_result is not None:
+                            on_result(result)
+        if counts is not None:
+            self.stats["round_trips"] = self.stats.get("round_trips", 0) + counts["total"]
+        return results
 
     def next_plan(self) -> Plan:
         """The root's plan for the next step (admissions, drops, the end), on every rank."""

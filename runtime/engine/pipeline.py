@@ -28,6 +28,7 @@ import torch
 
 from .engine import Engine
 from .lane import Lane
+from .roundtrips import maybe_counting
 from .sequence import Result
 
 
@@ -68,6 +69,14 @@ class Pipeline:
                 e.apply(plan)
                 live.append(e)
         pending, staged = {}, {}
+        with maybe_counting() as counts:
+            self._interleave(live, pending, staged, results, on_result, tick)
+        if counts is not None:
+            self.parts[0].stats["round_trips"] = self.parts[0].stats.get("round_trips", 0) + counts["total"]
+        return results
+
+    def _interleave(self, live, pending, staged, results, on_result, tick):
+        root = self.exchange.is_root
         if live:
             pending[live[0]] = live[0].begin_step()
         while live:
@@ -93,7 +102,6 @@ class Pipeline:
             else:               # to the back of the ring: its forward pass runs in a later window
                 staged[y] = (keep, texts, changed, plan)
                 live = live[1:] + [y]
-        return results
 
     @staticmethod
     def _resume(e: Engine, keep: list[int], texts: list[str], changed: list, plan):
@@ -114,6 +122,8 @@ class Pipeline:
         """`Engine.report` over both halves: rows and neglected mass summed, rounds as steps."""
         parts = [e.report(seconds, tokens) for e in self.parts]
         out = dict(parts[0], steps=self.steps, breakdown_s=self.breakdown())
+        if "round_trips" in self.parts[0].stats:
+            out["round_trips_per_step"] = self.parts[0].stats["round_trips"] / max(self.steps, 1)
         for key in ("rows", "fused_rows"):
             out[key] = sum(p[key] for p in parts)
         mass = [p for p in parts if p["neglected_mass_sum"] is not None]
