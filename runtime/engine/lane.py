@@ -171,33 +171,38 @@ class Lane:
         tokens = [[0] * width for _ in n]
         for s, p in zip(slots, pending):
             tokens[s][:len(p)] = p
-        host = torch.tensor([self.lengths, n], dtype=torch.long)
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
-        lengths, count = host.to(self.device, non_blocking=True)
+        lengths = torch.tensor(self.lengths, dtype=torch.long).to(self.device, non_blocking=True)
         positions = lengths[:, None] + torch.arange(width, device=self.device)[None, :]
         columns = max(self.lengths) + width
         self.cache.reserve(len(n), columns)
         self.cache.write, self.cache.width = positions, columns
         masks = attention_masks(self.windows, positions, columns, self.additive)
         with packed(self.configs):
-            logits, _ = self._run(ids, positions, masks, self.cache, count)
+            logits, _ = self._run(ids, positions, masks, self.cache, n)
         moved = [s for s, p in zip(slots, pending) if p]
         index = torch.tensor(moved, dtype=torch.long).to(self.device, non_blocking=True)
         self.logits.index_copy_(0, index, logits.index_select(0, index))
         for s in moved:
             self.lengths[s] += n[s]
 
-    def _run(self, ids, positions, mask, cache, count):
-        """One forward pass; the logits after each row's last real token (`count` tokens, right-
-        padded): only those positions go through the output layer. Returns (logits, output)."""
+    def _run(self, ids, positions, mask, cache, count: list[int]):
+        """One forward pass; the logits after each row's last real token (`count[i]` tokens,
+        right-padded): only those positions go through the output layer (chosen on the host from
+        the counts, nothing read back). Returns (logits, output)."""
         width = ids.shape[1]
-        last = (count - 1).clamp(min=0)
-        keep = 1 if width == 1 else torch.unique(last)
+        if width == 1:
+            keep = pick = 1
+        else:
+            last = [max(c, 1) - 1 for c in count]
+            columns = sorted(set(last))
+            keep = torch.tensor(columns, dtype=torch.long).to(self.device, non_blocking=True)
+            pick = torch.tensor([columns.index(c) for c in last], dtype=torch.long).to(self.device, non_blocking=True)
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=keep, **{self.cache_arg: cache})
         logits = out.logits[:, -1] if width == 1 else \
-            out.logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)]
+            out.logits[torch.arange(len(count), device=self.device), pick]
         return without_padding(logits.float(), self.vocab), out
 
     def admit(self, slots: list[int], prompts: list[str]):
@@ -225,8 +230,8 @@ class Lane:
         """Right-padded prompts with transformers' own masks (no holes: columns are positions)."""
         width = max(len(i) for i in ids)
         tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids], dtype=torch.long, device=self.device)
-        count = torch.tensor([len(i) for i in ids], dtype=torch.long, device=self.device)
-        mask = (torch.arange(width, device=self.device)[None, :] < count[:, None]).long()
+        count = [len(i) for i in ids]
+        mask = torch.tensor([[1] * c + [0] * (width - c) for c in count], dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device)[None, :].expand(len(ids), -1)
         logits, out = self._run(tokens, positions, mask, DynamicCache(), count)
         layers = [layer for layer in _cache_of(out).layers if getattr(layer, "is_initialized", False)]
