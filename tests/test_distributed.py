@@ -185,7 +185,7 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     else:
         assert got["neglected_mass_sum"] is None is want["neglected_mass_sum"]
     parts = lambda s: {k for k in s["breakdown_s"] if ":" not in k}  # noqa: E731
-    assert parts(got) == parts(want) == FUSION_PARTS | {"resync"}
+    assert parts(got) == parts(want) == FUSION_PARTS | {"append", "resync", "stops"}
     # where the searches ran: shared out between the leaders, or all on the main leader
     here = [json.loads(Path(f"{stats}.rank{r}" if r else stats).read_text())["rows_fused_here"] for r in range(ranks)]
     leaders = [0, 2, 3] if "tp" in config else list(range(ranks))

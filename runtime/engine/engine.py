@@ -61,7 +61,8 @@ class Engine:
         self.detokenizer = Detokenizer(self.main, incremental) if self.main is not None else None
         self.eos = members[0].eos_token_id
         self.slots: list[Row | None] = []
-        self.seconds: dict[str, float] = defaultdict(float)  # where step time goes
+        # where step time goes; the host's parts on every rank, whatever it runs
+        self.seconds: dict[str, float] = defaultdict(float, {"append": 0.0, "resync": 0.0, "stops": 0.0})
         self.steps = 0
         self.stats = {"rows": 0, "fused_rows": 0}
         self._neglected = None   # per member: (sum, max) of the mass fast mode neglected
