@@ -237,32 +237,36 @@ class Retokenizer:
         floor = max(1, k - self.WALK)
         while k >= floor and starts[k] > limit:
             k -= 1
-        found = []
+        segment, ascii_start, found = p.mode == "segment", p.ascii_start, None
         for i in range(k, floor - 1, -1):
             # a clean start: token i begins a character of its own, after a token that ends before it
-            if starts[i] < 0 or ends[i - 1] > starts[i] or (p.ascii_start and row.char(starts[i]) >= "\x80"):
+            a = starts[i]
+            if a < 0 or ends[i - 1] > a or (ascii_start and row.char(a) >= "\x80"):
                 continue
-            if p.mode == "segment":
+            if segment:
                 return i, i
             if words[i] != words[i - 1]:
-                found.append(i)
-                if len(found) == 2:
-                    return found[1], found[0]
+                if found is not None:
+                    return i, found
+                found = i
         return None
 
     def sync(self, tracks: list[Track], rows: list[Row], changed: list[int]) -> list[int]:
         """Re-encode each row whose string changed from character `changed[i]` on. Returns each
-        row's number of leading ids that did not change (the KV cache keeps those)."""
+        row's number of leading ids that did not change (the KV cache keeps those). Only with a
+        window policy: without one a lane re-encodes whole rows itself (`Policy.reason`)."""
+        if self.policy.mode is None:
+            raise RuntimeError(f"no windows for this tokenizer: {self.policy.reason}")
         keep = [0] * len(tracks)
         plans, texts, full = [], [], []
         for i, (track, row, c) in enumerate(zip(tracks, rows, changed)):
-            at = self.window_start(track, c, row) if self.policy.mode else None
+            at = self.window_start(track, c, row)
             if at is None:
                 full.append(i)
-                self._refuse("no safe window start" if self.policy.mode else self.policy.reason)
-                continue
-            plans.append((i, *at))
-            texts.append(row.tail(track.starts[at[0]]))
+                self._refuse("no safe window start")
+            else:
+                plans.append((i, *at))
+                texts.append(row.tail(track.starts[at[0]]))
         if texts:
             for (i, k, k2), enc in zip(plans, self.policy.window.encode_batch(texts, add_special_tokens=False)):
                 kept = self._splice(tracks[i], k, k2, enc.ids, enc.offsets, enc.word_ids)
@@ -316,8 +320,8 @@ class Retokenizer:
             return len(self.tokenizer(row.tail(0))["input_ids"])
         return len(self.policy.full.encode(row.tail(0)).ids)
 
-    def _refuse(self, why: str):
-        self.fallback_reasons[why] = self.fallback_reasons.get(why, 0) + 1
+    def _refuse(self, why: str, rows: int = 1):
+        self.fallback_reasons[why] = self.fallback_reasons.get(why, 0) + rows
 
 
 def _common(old: list[int], new: list[int], start: int) -> int:
