@@ -8,7 +8,9 @@ back to one (counted) where it cannot show that. docs/design.md ("Assists follow
 text") states why the window is exact; in short, for the start b of old token k:
 
 * Nothing before b can change. The tokenizer's steps each look only a bounded way ahead: added
-  tokens (matched first) at most their longest length, so b is `margin` characters before c;
+  tokens (matched first) at most their longest length, so b is `margin` characters before c,
+  unless no added token can start between `margin` characters before b and c (none of their first
+  characters is there: then none can cross b or be changed by what follows c), then 1;
   normalizers character by character (Replace of one character; the NFC/NFKC family before an
   ASCII character, which never composes with what precedes it); a regex pre-tokenizer's split
   before a piece is decided within the next piece, so in "word" mode b starts a pre-token and one
@@ -44,6 +46,7 @@ SPLITTERS = {"ByteLevel", "Split", "Metaspace", "Digits", "Punctuation", "Whites
 class Policy:
     mode: str | None          # "segment" | "word" | None (always the full encode)
     margin: int = 8           # characters between a window's safe part and the first changed one
+    first: str | None = None  # the added tokens' first characters (None: always keep `margin`)
     ascii_start: bool = False  # a window starts only before an ASCII character (composing normalizers)
     window: object = None     # tokenizers.Tokenizer for windows (no position-0 effects)
     full: object = None       # tokenizers.Tokenizer for full encodes with untrimmed offsets
@@ -112,6 +115,12 @@ def analyse(tokenizer) -> Policy:
     if any(a.lstrip or a.rstrip or a.single_word for a in added.values()):
         return Policy(None, reason="added tokens that strip whitespace or match whole words")
     margin = max([8] + [len(a.content) + 1 for a in added.values()])
+    first = "".join(sorted({a.content[0] for a in added.values() if a.content}))
+    if any(a.normalized for a in added.values()):   # matched after normalizing: what maps to them?
+        first = "".join(sorted(set(first) | {n["pattern"]["String"] for n in _parts(normalizer, "normalizers")
+                                             if n["type"] == "Replace" and n["content"][:1] in first}))
+        if ascii_start:
+            first = None
     segment = kind == "BPE" and not getattr(model, "ignore_merges", False) and not splitting
 
     # the same model and added tokens; offsets untrimmed; windows without position-0 effects
@@ -128,7 +137,7 @@ def analyse(tokenizer) -> Policy:
         return Policy(None, reason=str(e))
     if [e.ids for e in full.encode_batch(PROBES)] != [tokenizer(t)["input_ids"] for t in PROBES]:
         return Policy(None, reason="the tokenizer's encode differs from its Rust tokenizer's")
-    return Policy("segment" if segment else "word", margin, ascii_start, window, full)
+    return Policy("segment" if segment else "word", margin, first, ascii_start, window, full)
 
 
 def _without_prepend(node):
@@ -196,6 +205,13 @@ class Row:
         n = len(self.prefix)
         return self.text[j - n:] if j >= n else self.prefix[j:] + self.text
 
+    def slice(self, a: int, b: int) -> str:
+        """The string's characters [max(a, 0), b)."""
+        n, a = len(self.prefix), max(a, 0)
+        if a >= n:
+            return self.text[a - n:b - n]
+        return self.prefix[a:b] + (self.text[:b - n] if b > n else "")
+
     def char(self, j: int) -> str:
         n = len(self.prefix)
         return self.text[j - n] if j >= n else self.prefix[j]
@@ -230,14 +246,22 @@ class Retokenizer:
 
     def window_start(self, track: Track, c: int, row: Row) -> tuple[int, int] | None:
         """(k, k2): re-encode from token k; in word mode k2 is the next pre-token's first token
-        (tokens k..k2-1 must come out as before). None where no window is safe."""
+        (tokens k..k2-1 must come out as before). None where no window is safe. The start is
+        searched 1 character before c, and `margin` before it where an added token could start."""
         p = self.policy
+        if p.first is not None:
+            at = self._start(track, c - 1, row)
+            if at is None or not any(ch in row.slice(track.starts[at[0]] - p.margin, c) for ch in p.first):
+                return at
+        return self._start(track, c - p.margin, row)
+
+    def _start(self, track: Track, limit: int, row: Row) -> tuple[int, int] | None:
         starts, ends, words = track.starts, track.ends, track.words
-        limit, k = c - p.margin, len(starts) - 1
+        k = len(starts) - 1
         floor = max(1, k - self.WALK)
         while k >= floor and starts[k] > limit:
             k -= 1
-        segment, ascii_start, found = p.mode == "segment", p.ascii_start, None
+        segment, ascii_start, found = self.policy.mode == "segment", self.policy.ascii_start, None
         for i in range(k, floor - 1, -1):
             # a clean start: token i begins a character of its own, after a token that ends before it
             a = starts[i]
@@ -253,36 +277,45 @@ class Retokenizer:
 
     def sync(self, tracks: list[Track], rows: list[Row], changed: list[int]) -> list[int]:
         """Re-encode each row whose string changed from character `changed[i]` on. Returns each
-        row's number of leading ids that did not change (the KV cache keeps those). Only with a
-        window policy: without one a lane re-encodes whole rows itself (`Policy.reason`)."""
+        row's number of leading ids that did not change (the KV cache keeps those). A refused
+        short window is tried once more from `margin` characters back, then the row is encoded
+        whole. Only with a window policy: without one a lane re-encodes whole rows itself."""
         if self.policy.mode is None:
             raise RuntimeError(f"no windows for this tokenizer: {self.policy.reason}")
         keep = [0] * len(tracks)
-        plans, texts, full = [], [], []
-        for i, (track, row, c) in enumerate(zip(tracks, rows, changed)):
-            at = self.window_start(track, c, row)
-            if at is None:
-                full.append(i)
-                self._refuse("no safe window start")
-            else:
-                plans.append((i, *at))
-                texts.append(row.tail(track.starts[at[0]]))
-        if texts:
-            for (i, k, k2), enc in zip(plans, self.policy.window.encode_batch(texts, add_special_tokens=False)):
-                kept = self._splice(tracks[i], k, k2, enc.ids, enc.offsets, enc.word_ids)
-                if kept is None:
-                    full.append(i)
-                else:
-                    keep[i] = kept
-                    self.windows += 1
-        if full:
-            for i, enc in zip(full, self.policy.full.encode_batch([rows[i].tail(0) for i in full])):
+        starts = [self.window_start(t, c, r) for t, r, c in zip(tracks, rows, changed)]
+        whole = [i for i, at in enumerate(starts) if at is None]
+        self._refuse("no safe window start", len(whole))
+        refused = self._windows(tracks, rows, [(i, at) for i, at in enumerate(starts) if at is not None], keep)
+        if refused and self.policy.first is not None:   # short windows refused: once more from the margin
+            again = [(i, self._start(tracks[i], changed[i] - self.policy.margin, rows[i])) for i in refused]
+            whole += [i for i, at in again if at is None or at == starts[i]]
+            whole += self._windows(tracks, rows, [(i, at) for i, at in again if at is not None and at != starts[i]], keep)
+        else:
+            whole += refused
+        if whole:
+            for i, enc in zip(whole, self.policy.full.encode_batch([rows[i].tail(0) for i in whole])):
                 fresh, track = Track(enc), tracks[i]
                 keep[i] = _common(track.ids, fresh.ids, 0)
                 track.ids[:], track.starts[:], track.ends[:], track.words[:] = \
                     fresh.ids, fresh.starts, fresh.ends, fresh.words
-            self.fallbacks += len(full)
+            self.fallbacks += len(whole)
         return keep
+
+    def _windows(self, tracks: list[Track], rows: list[Row], plans: list, keep: list[int]) -> list[int]:
+        """Encode the planned windows ((row, (k, k2)) each) and splice them in; the rows refused."""
+        if not plans:
+            return []
+        texts = [rows[i].tail(tracks[i].starts[k]) for i, (k, _) in plans]
+        refused = []
+        for (i, (k, k2)), enc in zip(plans, self.policy.window.encode_batch(texts, add_special_tokens=False)):
+            kept = self._splice(tracks[i], k, k2, enc.ids, enc.offsets, enc.word_ids)
+            if kept is None:
+                refused.append(i)
+            else:
+                keep[i] = kept
+                self.windows += 1
+        return refused
 
     def _fits(self, track: Track, k: int, k2: int, ids: list, offsets: list, words: list) -> bool:
         """Does a window's encoding start as the old tokens did (its first token; in word mode its
