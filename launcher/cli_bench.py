@@ -29,6 +29,9 @@ device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUD
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
               help="JSON lines with a 'prompt' field (default: TriviaQA dev 5-shot prompts)")
 @click.option("--repeat", default=3, show_default=True, help="repetitions after a warm-up")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="cpu: time everything as CPU time of the one thread that runs it (torch and the tokenizers "
+                   "on one thread): figures that hold on a machine shared with other jobs")
 @click.option("--compare", default="members,reference", show_default=True,
               help="comma-separated: members (each alone, same engine), reference (authors' loop), "
                    "exact (exact vs fast fusion, where exact mode's matrices fit in memory)")
@@ -43,8 +46,8 @@ device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUD
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--logprobs", type=int, default=None, help="also report N alternatives' log-probabilities")
 @device_option
-def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path, repeat, compare, reference_prompts,
-                  reference_tokens, output, plots, temperature, top_p, top_k, logprobs, device):
+def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path, repeat, clock, compare,
+                  reference_prompts, reference_tokens, output, plots, temperature, top_p, top_k, logprobs, device):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
     from one run, with the share of step time in each part (min/median/max over --repeat), and
     the host's work per step (everything but the forward passes and the fused step's math)
@@ -53,6 +56,11 @@ def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path,
     from runtime.bench.context import host_plot, host_table
     from runtime.jobs.progress import peak_rss_mb
     from runtime.members.ensemble import anchors_entry, load_members, make_fuser
+    if clock == "cpu":
+        import os
+        import torch
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        torch.set_num_threads(1)
     cfg = load_config(config)
     members = load_members(cfg, log=echo_err, device=pick_device(device))
     entry = anchors_entry(cfg, members, log=echo_err)
@@ -68,16 +76,16 @@ def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path,
                      repeat, tuple(c for c in compare.split(",") if c and c != "none"), reference_prompts,
                      reference_tokens, log=echo_err, exact_fuser=exact, sampling=sampling,
                      contexts=[int(c) for c in contexts.split(",")] if contexts else None,
-                     incremental=path == "incremental")
+                     incremental=path == "incremental", **({"clock": time.thread_time} if clock == "cpu" else {}))
         if result is None:
             result = part
         else:
             result["batches"] += part["batches"]
     result.update({"config": config, "mode": fuser.mode, "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "sampling": sampling.pack(), "cpu": cpu_flags()})
+                   "sampling": sampling.pack(), "cpu": cpu_flags(), "clock": clock})
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
-    click.echo(f"CPU: {result['cpu']}")
+    click.echo(f"CPU: {result['cpu']}" + ("; times are CPU time of one thread (--clock cpu)" if clock == "cpu" else ""))
     click.echo(table(result))
     click.echo("")
     click.echo(host_table(result))
@@ -235,7 +243,7 @@ def measure_forward(config, member, contexts, batch, new_tokens, repeat, output,
     result = {"config": config, "member": chosen.name, "cpu": cpu_flags(), "rows": rows}
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
-    click.echo(f"CPU: {result['cpu']}")
+    click.echo(f"CPU: {result['cpu']}" + ("; times are CPU time of one thread (--clock cpu)" if clock == "cpu" else ""))
     click.echo(forward_table(rows))
     if plot_path:
         click.echo(f"plot: {forward_plot(result, plot_path)}")

@@ -73,18 +73,22 @@ def host_seconds(breakdown: dict, total: float) -> float:
 
 
 def run_engine(members, fuser, prompts: list[str], batch: int, new_tokens: int, sampling=GREEDY,
-               incremental: bool = True) -> dict:
+               incremental: bool = True, clock=time.perf_counter) -> dict:
+    """One timed run. `clock=time.thread_time` measures CPU time of this thread (bench --clock cpu)."""
     if hasattr(fuser, "reset_counts"):   # this run's time per part and row counts, not the fuser's so far
         fuser.reset_counts()
     if hasattr(fuser, "forget_rows"):   # every repetition starts with empty row stores
         fuser.forget_rows()
     engine = Engine(members, fuser, max_batch=batch, incremental=incremental)
+    engine.clock = clock
+    if hasattr(fuser, "clock"):
+        fuser.clock = clock
     requests = [Request(i, p, new_tokens, sampling=sampling if sampling.greedy else
                         SamplingParams(**{**sampling.pack(), "seed": stable_seed("bench", i)}))
                 for i, p in enumerate(prompts)]
-    t0 = time.perf_counter()
+    t0 = clock()
     results = engine.run(requests)
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     tokens = sum(len(r.ids) for r in results)
     report = engine.report(seconds, tokens)
     return {"seconds": seconds, "tokens": tokens, "steps": engine.steps,
@@ -105,14 +109,14 @@ def run_reference(members, fuser, prompts: list[str], new_tokens: int) -> dict:
 def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: int, repeat: int,
           compare: tuple[str, ...] = ("members", "reference"), reference_prompts: int = 2,
           reference_tokens: int = 8, log=print, exact_fuser=None, sampling=GREEDY,
-          contexts: list[int] | None = None, incremental: bool = True) -> dict:
+          contexts: list[int] | None = None, incremental: bool = True, clock=time.perf_counter) -> dict:
     """Each batch size B decodes B prompts (all in flight at once) for `new_tokens` tokens
     (`sampling`: every series draws with these settings, seeded per prompt). `contexts`: run
     every batch size at each of these prompt lengths (tokens of the main member; the prompts
     grown or cut to it, bench/context.py). `incremental=False`: the old host path."""
     from .context import prompts_of_length
     log("warm-up")
-    run_engine(members, fuser, prompts[:2], 2, 2, incremental=incremental)
+    run_engine(members, fuser, prompts[:2], 2, 2, incremental=incremental, clock=clock)
     out = {"new_tokens": new_tokens, "repeat": repeat, "batches": [], "incremental": incremental}
     for context, batch in [(c, b) for c in (contexts or [None]) for b in batches]:
         chosen = batch_of(prompts, batch) if context is None else \
@@ -127,7 +131,7 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
             for name, (group, f) in series.items():
                 at = "" if context is None else f" context {context}"
                 log(f"batch {batch}{at}: {name}{'' if name == 'ensemble' else ' alone'} {r + 1}/{repeat}")
-                runs[name].append(run_engine(group, f, chosen, batch, new_tokens, sampling, incremental))
+                runs[name].append(run_engine(group, f, chosen, batch, new_tokens, sampling, incremental, clock))
         row = {"batch": batch, "context": context, "host_path": "incremental" if incremental else "full",
                "ensemble": _summary(runs.pop("ensemble"))}
         if runs:

@@ -62,6 +62,7 @@ class Fuser:
         self.decided_rows = 0   # rows skipped because their token was decided (fast mode)
         self.agreeing_rows = 0  # rows skipped because every member's argmax agreed (skip_agreeing)
         self.rows_fused_here = 0   # rows whose search ran in this process (split.py shares them out)
+        self.clock = time.perf_counter   # what `timed` measures with (the bench may use CPU time)
         self._anchor_column: dict[int, torch.Tensor] = {}
 
     def reset_counts(self):
@@ -77,11 +78,11 @@ class Fuser:
 
     @contextmanager
     def timed(self, part: str):
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
-            self.seconds[part] += time.perf_counter() - t0
+            self.seconds[part] += self.clock() - t0
 
     def member_relative(self, i: int, logits: torch.Tensor):
         """Member i's relative vectors (B x |A|) and the probability mass fast mode neglected

@@ -57,6 +57,7 @@ class Engine:
         self.lanes = lanes if lanes is not None else {i: Lane(m, resync) for i, m in enumerate(members)}
         for i, lane in self.lanes.items():
             lane.follows_text = i != 0
+        self.clock = time.perf_counter   # bench --clock cpu: time.thread_time
         self.main = members[0].tokenizer
         self.detokenizer = Detokenizer(self.main, incremental) if self.main is not None else None
         self.eos = members[0].eos_token_id
@@ -101,9 +102,9 @@ class Engine:
                 for i, lane in self.lanes.items() if i != 0 and lane._retokenizer is not None}
 
     def _timed(self, key: str, fn, *args):
-        t0 = time.perf_counter()
+        t0 = self.clock()
         out = fn(*args)
-        self.seconds[key] += time.perf_counter() - t0
+        self.seconds[key] += self.clock() - t0
         return out
 
     # ---- the loop ------------------------------------------------------------------------
@@ -301,9 +302,11 @@ class Engine:
                       row.logprobs if row.request.sampling.logprobs is not None else None)
 
     def drop_free_slots(self):
-        """No prompt is waiting: free slots would only compute padding. Drop them."""
+        """No prompt is waiting: free slots would only compute padding. Drop them once they are a
+        quarter of the batch (or all of it): dropping copies every lane's cache, so a job's tail,
+        where rows finish one by one, copies it a few times, not once per finished row."""
         keep = [i for i, r in enumerate(self.slots) if r is not None]
-        if len(keep) == len(self.slots):
+        if len(keep) == len(self.slots) or (keep and 4 * (len(self.slots) - len(keep)) < len(self.slots)):
             return
         for lane in self.lanes.values():
             lane.keep_slots(keep)

@@ -251,7 +251,10 @@ class Retokenizer:
         p = self.policy
         if p.first is not None:
             at = self._start(track, c - 1, row)
-            if at is None or not any(ch in row.slice(track.starts[at[0]] - p.margin, c) for ch in p.first):
+            if at is None:
+                return None
+            near = row.slice(track.starts[at[0]] - p.margin, c)
+            if (p.first not in near) if len(p.first) == 1 else not any(ch in near for ch in p.first):
                 return at
         return self._start(track, c - p.margin, row)
 
@@ -319,13 +322,13 @@ class Retokenizer:
 
     def _fits(self, track: Track, k: int, k2: int, ids: list, offsets: list, words: list) -> bool:
         """Does a window's encoding start as the old tokens did (its first token; in word mode its
-        first pre-token, ids, offsets and the boundary after it)?"""
-        b, n = track.starts[k], k2 - k
+        first pre-token's ids and the pre-token boundary after them: the same tokens of the same
+        text from the same place, so at the same offsets)?"""
+        n = k2 - k
         if len(ids) <= n or ids[0] != track.ids[k] or offsets[0][0] != 0:
             self._refuse("the window's first token differs")
             return False
-        if n and (ids[:n] != track.ids[k:k2] or words[n] == words[n - 1]
-                  or any(o[0] + b != s for o, s in zip(offsets[:n], track.starts[k:k2]))):
+        if n and (words[n] == words[n - 1] or ids[:n] != track.ids[k:k2]):
             self._refuse("the window's first pre-token differs")
             return False
         return True
