@@ -103,7 +103,7 @@ def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path,
 def bench_compare(first, second):
     """Do two `deepen bench --output` results agree within the noise they report (their
     min..max tokens/s ranges overlap for every batch size and series)? Exit status 1 if not."""
-    from runtime.bench.bench import compare_runs
+    from runtime.bench.compare import compare_runs
 
     def load(path):
         try:

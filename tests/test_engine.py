@@ -188,7 +188,7 @@ def test_a_sliding_window_member_sees_exactly_its_window_after_a_crop(tiny, kind
 
 
 def test_bench_compare_flags_runs_outside_each_others_noise():
-    from runtime.bench.bench import compare_runs
+    from runtime.bench.compare import compare_runs
     spread = lambda lo, med, hi: {"min": lo, "median": med, "max": hi}
     run = lambda e: {"batches": [{"batch": 8, "ensemble": {"tokens_per_s": e},
                                   "members": {"m": {"tokens_per_s": spread(9, 10, 11)}}}]}

@@ -27,10 +27,10 @@ from ..deepen.protocol import LOCAL
 from .detokenize import Detokenizer
 from .lane import Lane
 from .roundtrips import maybe_counting
-from .sampling import GREEDY, Sampler, stable_seed
+from .sampling import GREEDY, Sampler, note_logprobs, stable_seed
 from .scheduler import Plan, Scheduler
 from .sequence import Request, Result, Row
-from .stops import completes_stop
+from .stops import completes_stop, stop_rule
 
 
 @dataclass
@@ -190,7 +190,7 @@ class Engine:
         tokens, fused = torch.stack([result.tokens, result.fused.long()]).tolist()
         self.count(fused, result.stats.get("neglected_mass"))
         if result.logprobs is not None:
-            self.note_logprobs(pending.rows, tokens, result.logprobs)
+            note_logprobs(self.main, self.eos, pending.rows, tokens, result.logprobs)
         return self.commit(pending.active, tokens, fused)
 
     def sampler(self, rows: list[Row]) -> Sampler | None:
@@ -199,29 +199,12 @@ class Engine:
             return None
         return Sampler([r.request.sampling for r in rows], [r.seed for r in rows], [len(r.ids) for r in rows])
 
-    def note_logprobs(self, rows: list[Row], tokens: list[int], records: list):
-        """Each row's log-probability record for this step's token (root only: the tokens'
-        decider), with the tokens as text."""
-        piece = lambda t: self.main.decode([t])  # noqa: E731
-        for row, token, rec in zip(rows, tokens, records):
-            if rec is not None and token != self.eos:
-                row.logprobs.append({"token": token, "text": piece(token), "logprob": rec["logprob"],
-                                     "main_logprob": rec["main_logprob"],
-                                     "top": [{"token": t, "text": piece(t), "logprob": v} for t, v in rec["top"]]})
-
     def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor | None:
-        """Rows where the main model's own token would complete a stop string: no fusion.
-        None when no row has a stop string or nothing is fused (then nothing is read back)."""
-        stopping = [i for i, r in enumerate(rows) if r.request.stop]
-        if not stopping or getattr(getattr(self.fuser, "search", None), "eta", 1) == 0:
+        """Rows where the main model's own token would complete a stop string: no fusion
+        (engine/stops.py); None when nothing is fused or no row has a stop string."""
+        if getattr(getattr(self.fuser, "search", None), "eta", 1) == 0:
             return None
-        own = main_logits.argmax(-1).tolist()
-        picked = [rows[i] for i in stopping]
-        peeks = self.detokenizer.peek([r.decoded for r in picked], [r.ids for r in picked], [own[i] for i in stopping])
-        skip = [False] * len(rows)
-        for i, r, (text, changed) in zip(stopping, picked, peeks):
-            skip[i] = completes_stop(text, r.request.stop, changed) is not None
-        return torch.tensor(skip, dtype=torch.bool, device=main_logits.device)
+        return stop_rule(rows, main_logits, self.detokenizer)
 
     def count(self, fused: list[int], neglected: list[torch.Tensor] | None):
         """Rows, fused rows and (fast mode) the neglected mass per member, over the run; the

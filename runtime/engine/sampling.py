@@ -136,3 +136,14 @@ class Sampler:
         pick = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1)
         pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)   # never past the kept tokens
         return order.gather(1, pick).squeeze(1)
+
+
+def note_logprobs(tokenizer, eos: int | None, rows: list, tokens: list[int], records: list):
+    """Each row's log-probability record for this step's token, with the tokens as text (the
+    root only: the tokens' decider)."""
+    piece = lambda t: tokenizer.decode([t])  # noqa: E731
+    for row, token, rec in zip(rows, tokens, records):
+        if rec is not None and token != eos:
+            row.logprobs.append({"token": token, "text": piece(token), "logprob": rec["logprob"],
+                                 "main_logprob": rec["main_logprob"],
+                                 "top": [{"token": t, "text": piece(t), "logprob": v} for t, v in rec["top"]]})

@@ -30,3 +30,21 @@ def completes_stop(text: str, stop: tuple[str, ...], changed: int = 0) -> str | 
     start = max(0, changed - max(map(len, stop)) + 1)
     cut = [i for i in (text.find(s, start) for s in stop if s) if i >= 0]
     return text[:min(cut)] if cut else None
+
+
+def stop_rule(rows: list, main_logits, detokenizer):
+    """The fusion rule for stop strings: a bool tensor, True for rows where the main model's own
+    token would complete one of the row's stop strings (then the row is not fused), or None when
+    no row has a stop string (then nothing is read back from the device). Only the end of each
+    row's text is decoded (engine/detokenize.py)."""
+    import torch
+    stopping = [i for i, r in enumerate(rows) if r.request.stop]
+    if not stopping:
+        return None
+    own = main_logits.argmax(-1).tolist()
+    picked = [rows[i] for i in stopping]
+    peeks = detokenizer.peek([r.decoded for r in picked], [r.ids for r in picked], [own[i] for i in stopping])
+    skip = [False] * len(rows)
+    for i, r, (text, changed) in zip(stopping, picked, peeks):
+        skip[i] = completes_stop(text, r.request.stop, changed) is not None
+    return torch.tensor(skip, dtype=torch.bool, device=main_logits.device)
