@@ -109,13 +109,16 @@ def begin(fuser, member_logits, skip=None, include=None, exchange=LOCAL, memo=No
             p.fuse = fuser.rows_to_fuse(main, skip, agree, greedy)
     if not exchange.leads:
         return p
+    owned = None   # whether any row has an owner, where this process knows it without a read
     with fuser.timed("gather"):
         if splits(fuser, exchange, sampler, include):   # the rows shared out between leaders (split.py)
-            p.owner = exchange.share_owners(None if p.fuse is None else owners(p.fuse, exchange.leaders), batch)
+            mine = None if p.fuse is None else owners(p.fuse, exchange.leaders)
+            owned = None if mine is None else mine[1]
+            p.owner = exchange.share_owners(None if mine is None else mine[0], batch)
             p.fuse = p.owner != NOT_FUSED
         else:
             p.fuse = exchange.share_rows(p.fuse, batch)
-    if p.owner is not None and (p.owner >= 0).any():
+    if p.owner is not None and (owned if owned is not None else bool((p.owner >= 0).any())):
         p.shared = share_summaries(fuser, logits, p.owner, exchange)
     return p
 

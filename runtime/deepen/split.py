@@ -44,9 +44,10 @@ def splits(fuser, exchange, sampler, include) -> bool:
 NOT_FUSED, PLAIN = -1, -2   # owner codes: a row not fused; a row fused by the plain step
 
 
-def owners(fuse: torch.Tensor, leaders: int) -> torch.Tensor:
+def owners(fuse: torch.Tensor, leaders: int) -> tuple[torch.Tensor, bool]:
     """(B,) int64: each fused row's owner (a leader's position, in member order), NOT_FUSED for
-    the other rows; PLAIN for every fused row when there are fewer of them than leaders.
+    the other rows; PLAIN for every fused row when there are fewer of them than leaders; and
+    whether any row has an owner (known here, read nowhere else on this process).
     A row's home is fixed by its place in the batch, so a sequence is fused where its previous
     steps were and finds their rows of P in that leader's row stores; then rows move from the
     leaders holding more than their share to those holding less. When the rows do not divide
@@ -55,7 +56,7 @@ def owners(fuse: torch.Tensor, leaders: int) -> torch.Tensor:
     rows = fuse.nonzero(as_tuple=True)[0].tolist()
     if len(rows) < leaders:
         owner[rows] = PLAIN
-        return owner.to(fuse.device)
+        return owner.to(fuse.device), False
     share = [len(rows) // leaders + (p >= leaders - len(rows) % leaders) for p in range(leaders)]
     mine = [[] for _ in range(leaders)]
     for row in rows:
@@ -67,7 +68,7 @@ def owners(fuse: torch.Tensor, leaders: int) -> torch.Tensor:
             mine[p].append(spare.pop())
     for p, taken in enumerate(mine):
         owner[taken] = p
-    return owner.to(fuse.device)
+    return owner.to(fuse.device), True
 
 
 def share_summaries(fuser, logits: dict, owner: torch.Tensor, exchange) -> tuple:

@@ -86,7 +86,7 @@ class GroupExchange:
         with self.phase("plan"):
             flag = torch.tensor([0 if quiet else 1], dtype=torch.uint8)
             dist.broadcast(flag, self.root, group=self.group)
-            if not int(flag):
+            if (quiet if self.is_root else not int(flag)):   # the root knows its own flag: no read
                 return plan if plan is not None else Plan([], False, False)
             message = None if plan is None else {"admit": [r.pack() for r in plan.admit], "drop": plan.drop,
                                                  "done": plan.done}
