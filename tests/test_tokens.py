@@ -79,7 +79,7 @@ def check_retokenizer(tokenizer, seed: int) -> Retokenizer:
         assert before[:keep] == want[:keep]
         assert rt.count(track, Row(prompt, text), len(prompt) + len(text)) == len(want)
     assert rt.windows + rt.fallbacks == CASES
-    assert rt.windows > 0.6 * CASES, (rt.windows, rt.fallback_reasons)   # windows, not a full encode in disguise
+    assert rt.windows > 0.6 * CASES, (rt.windows, rt.refusals)   # windows, not a full encode in disguise
     return rt
 
 

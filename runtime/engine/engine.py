@@ -96,10 +96,9 @@ class Engine:
                 "breakdown_s": self.breakdown()}
 
     def resync_counts(self) -> dict:
-        """Per assist run here: rows synced from a window and from a full re-encode (and why)."""
-        return {lane.member.name: {"windows": lane.retokenizer.windows, "full": lane.retokenizer.fallbacks,
-                                   "why": dict(lane.retokenizer.fallback_reasons)}
-                for i, lane in self.lanes.items() if i != 0 and lane._retokenizer is not None}
+        """Per assist run here: rows synced from a window, rows encoded whole, windows refused
+        (by reason: a short window refused may still succeed from further back)."""
+        return {lane.member.name: lane.resync_counts() for i, lane in self.lanes.items() if i != 0}
 
     def _timed(self, key: str, fn, *args):
         t0 = self.clock()

@@ -95,6 +95,10 @@ class Lane:
             self._retokenizer = Retokenizer(self.tokenizer, windows=self.resync == "window")
         return self._retokenizer
 
+    def resync_counts(self) -> dict:
+        r = self.retokenizer
+        return {"windows": r.windows, "full": r.fallbacks, "refused": dict(r.refusals)}
+
     @property
     def windowed(self) -> bool:
         return self.retokenizer.policy.mode is not None

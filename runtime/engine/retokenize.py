@@ -86,7 +86,7 @@ class Row:
 
 class Retokenizer:
     """Brings rows' Tracks up to date with changed text (module doc). `windows` and `fallbacks`
-    count the rows synced each way; `fallback_reasons` says why a window was refused."""
+    count the rows synced each way; `refusals` counts windows refused, by reason."""
 
     WALK = 256   # tokens a window may reach back before the row falls back
 
@@ -94,7 +94,7 @@ class Retokenizer:
         self.tokenizer = tokenizer
         self.policy = policy_for(tokenizer) if windows else Policy(None, reason="windows off")
         self.windows = self.fallbacks = 0
-        self.fallback_reasons: dict[str, int] = {}
+        self.refusals: dict[str, int] = {}
 
     def encode(self, strings: list[str]) -> list[Track]:
         """Full encodes (with the template's special tokens)."""
@@ -213,7 +213,7 @@ class Retokenizer:
         return len(self.policy.full.encode(row.tail(0)).ids)
 
     def _refuse(self, why: str, rows: int = 1):
-        self.fallback_reasons[why] = self.fallback_reasons.get(why, 0) + rows
+        self.refusals[why] = self.refusals.get(why, 0) + rows
 
 
 def _common(old: list[int], new: list[int], start: int) -> int:
