@@ -284,12 +284,15 @@ class Engine:
                       row.logprobs if row.request.sampling.logprobs is not None else None)
 
     def drop_free_slots(self):
-        """No prompt is waiting: free slots would only compute padding. Drop them once they are a
-        quarter of the batch (or all of it): dropping copies every lane's cache, so a job's tail,
-        where rows finish one by one, copies it a few times, not once per finished row."""
-        keep = [i for i, r in enumerate(self.slots) if r is not None]
-        if len(keep) == len(self.slots) or (keep and 4 * (len(self.slots) - len(keep)) < len(self.slots)):
+        """No prompt is waiting: free slots would only compute padding. Drop them: the running
+        rows past the new end move into the free slots before it (the caches copy those alone)."""
+        live = [i for i, r in enumerate(self.slots) if r is not None]
+        n = len(live)
+        if n == len(self.slots):
             return
+        moves = list(zip([i for i in live if i >= n], [i for i in range(n) if self.slots[i] is None]))
         for lane in self.lanes.values():
-            lane.keep_slots(keep)
-        self.slots = [self.slots[i] for i in keep]
+            lane.compact_slots(moves, n)
+        for a, b in moves:
+            self.slots[b] = self.slots[a]
+        del self.slots[n:]

@@ -5,7 +5,8 @@ its tokens in columns [0, length[s]): no holes and no padding before them, so a 
 its position. A forward pass writes each slot's new tokens right after its own (`write`: a column
 per new token), and attention reads the first `width` columns as views of the buffers: nothing is
 copied per step. Cropping a slot is changing its length. The capacity doubles when a slot would
-run past it (copied once), so its cost per token is constant.
+run past it (copied once), so its cost per token is constant. Dropping finished slots moves only the slots
+past the new end into the free places before it (`compact`).
 
 Because columns are positions, `attention_masks` builds the masks in the model's own terms:
 causal, and for sliding-window layers the last `window` positions, exactly; a crop can never leave
@@ -84,12 +85,16 @@ class SlotCache(Cache):
             for mine, new in zip(store, states):
                 mine[:, :, :columns].index_copy_(0, slots, new[:, :, :columns].to(mine.dtype))
 
-    def keep(self, index: torch.Tensor):
-        """Only these slots, in this order."""
+    def compact(self, source: torch.Tensor, target: torch.Tensor, columns: int, slots: int):
+        """Slot source[i] moves to target[i] (its first `columns` columns), then only the first
+        `slots` slots are kept (views: nothing else is copied)."""
         for store in (self.keys, self.values):
             for i, t in enumerate(store):
-                store[i] = t.index_select(0, index)
-        self.slots = len(index)
+                if len(source):
+                    head = t[:, :, :columns]
+                    head.index_copy_(0, target, head.index_select(0, source))
+                store[i] = t[:slots]
+        self.slots = min(self.slots, slots)
 
 
 def layer_windows(config) -> dict[str, int | None] | int | None:

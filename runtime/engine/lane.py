@@ -153,13 +153,21 @@ class Lane:
     def crop(self, slot: int, keep: int):
         self.lengths[slot] = min(self.lengths[slot], keep)
 
-    def keep_slots(self, slots: list[int]):
-        """Drop every other slot (finished rows with no prompt waiting)."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.cache.keep(index)
-        self.logits = self.logits[index]
+    def compact_slots(self, moves: list[tuple[int, int]], slots: int):
+        """Slot `source` moves to `target` for each (source, target) of `moves`, then only the
+        first `slots` slots are kept (finished rows dropped when no prompt is waiting): the
+        cache copies the moved slots alone."""
+        source = torch.tensor([m[0] for m in moves], dtype=torch.long).to(self.device, non_blocking=True)
+        target = torch.tensor([m[1] for m in moves], dtype=torch.long).to(self.device, non_blocking=True)
+        self.cache.compact(source, target, max([self.lengths[m[0]] for m in moves], default=0), slots)
+        if moves:
+            self.logits.index_copy_(0, target, self.logits.index_select(0, source))
+        self.logits = self.logits[:slots]
         for name in ("lengths", "ids", "tracks", "prefix", "prompt_tokens"):
-            setattr(self, name, [getattr(self, name)[s] for s in slots])
+            values = getattr(self, name)
+            for a, b in moves:
+                values[b] = values[a]
+            del values[slots:]
 
     # ---- forward passes -----------------------------------------------------------------
 
