@@ -160,8 +160,8 @@ class Engine:
             placed.append((slot, request))
         if placed:
             for lane in self.lanes.values():
-                self._timed(f"prefill:{lane.member.name}", lane.admit,
-                            [s for s, _ in placed], [r.prompt for _, r in placed])
+                self._timed(f"prefill:{lane.member.name}", lane.admit, [s for s, _ in placed],
+                            [r.prompt for _, r in placed], [r.max_new_tokens for _, r in placed])
 
     def step(self) -> list[Result]:
         """One decoding step over every running row: fuse, commit, advance."""

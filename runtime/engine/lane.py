@@ -217,9 +217,11 @@ class Lane:
             out.logits[torch.arange(len(count), device=self.device), pick]
         return without_padding(logits.float(), self.vocab), out
 
-    def admit(self, slots: list[int], prompts: list[str]):
+    def admit(self, slots: list[int], prompts: list[str], budgets: list[int] | None = None):
         """Prefill new prompts (own forward passes, fresh caches) and write them into `slots`:
-        free slots or new ones past the end."""
+        free slots or new ones past the end. `budgets`: each prompt's max_new_tokens, so the cache
+        makes room for them now (twice as many for an assist, whose tokens for the same text may
+        be more) instead of doubling mid-decode."""
         prefixes = [self.member.render(p) for p in prompts]
         if self.windowed:
             tracks = self.retokenizer.encode(prefixes)
@@ -231,7 +233,8 @@ class Lane:
             if not i:
                 raise ValueError(f"member {self.member.name!r}: the prompt {prompt[:40]!r} has no tokens")
         self._grow(max(max(slots) + 1, len(self.lengths)))
-        self.cache.reserve(len(self.lengths), max(len(i) for i in ids))
+        room = [2 * b if self.follows_text else b for b in (budgets or [0] * len(ids))]
+        self.cache.reserve(len(self.lengths), max(len(i) + r for i, r in zip(ids, room)))
         for group in _groups([len(i) for i in ids]):
             self._prefill([slots[j] for j in group], [ids[j] for j in group])
         for j, s in enumerate(slots):
