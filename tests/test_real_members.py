@@ -8,7 +8,7 @@ from runtime.engine.sequence import Request
 from runtime.members.config import parse_config
 from runtime.members.ensemble import anchors_entry, load_members, make_fuser, single_fuser
 from runtime.bench.measure import agreement
-from runtime.members.sources import prepare_pypi_model
+from runtime.members.prepare import prepare_pypi_model
 from runtime.evaluation.tasks import qa_prompts
 from runtime.deepen.vocab import find_anchors, token_bytes
 

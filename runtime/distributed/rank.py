@@ -1,0 +1,222 @@
+"""One rank of a job (runtime/distributed/job.py): how it starts, what it loads, how it dies.
+
+Start-up (runtime/distributed/startup.py): this host's members are prepared before
+torch.distributed starts; once the world is connected, every rank's problem (versions, the
+config, the world size, a member this rank cannot read) is gathered, and if there is any, rank 0
+says each in one line and every rank stops at once. Then the member groups, the heartbeat, this
+rank's shard, and the anchors (rank 0 finds or builds them and sends them to the hosts that lack
+them: runtime/distributed/share.py).
+
+Any rank that fails later stops the job: it prints one line naming its rank and member and exits
+non-zero; the others see their next collective fail (or the heartbeat go quiet) and do the same,
+naming the rank that stopped."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..deepen.anchors import anchor_info
+from ..deepen.split import shares_rows
+from ..deepen.summary import EXACT_IDS
+from ..engine.lane import Lane
+from ..engine.pipeline import make_engine, micro_batches_for
+from ..members.ensemble import anchors_entry, load_members, make_fuser
+from ..members.sources import MemberError, anchors_root, load_model
+from .exchange import GroupExchange, broadcast_message
+from .heartbeat import Heartbeat
+from .loading import load_shard
+from .share import log_line, share_entry
+from .startup import agree, host_label, prepare_here
+from .world import LayoutError, check_world, connect, global_rank, init_world, shard_member, threads_per_rank
+
+_dying: list[str] = []
+
+
+def die(who: str, error: BaseException | str, code: int = 1, linger: float = 0.0):
+    """Say who failed and why, then exit at once (`linger`: seconds to stay up first, for rank 0,
+    whose store the others read to name the failed rank themselves)."""
+    sys.stderr.write(f"deepen: {who}: {error}\n")
+    sys.stderr.flush()
+    time.sleep(linger)
+    os._exit(code)  # never hang in atexit handlers or collectives
+
+
+def stop_all(lines: list[str], code: int = 2):
+    """Every rank stops on a verdict they all hold: rank 0 says each line once, the others go
+    quietly (and a SIGTERM from the launcher meanwhile adds nothing)."""
+    _dying.append("verdict")
+    if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
+        sys.stderr.write("".join(f"deepen: {line}\n" for line in lines))
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def fail_job(world, heartbeat, what: str):
+    """Another rank failed: name it (from the heartbeats), then exit. Rank 0 hosts the store the
+    others read, so it leaves last."""
+    if _dying:
+        return
+    _dying.append(what)
+    why = heartbeat.identify()
+    if world.rank == 0:
+        time.sleep(3.0)
+    die(world.describe, f"{what} -- {why}")
+
+
+def on_sigterm(world, heartbeat):
+    """The handler for the launcher's SIGTERM (it stops the other ranks when one fails): say who
+    we are and who went silent before going. It runs in the main thread wherever that was, so
+    nothing in it waits long on a lock (Heartbeat.identify)."""
+    return lambda *_: fail_job(world, heartbeat, "stopped by the launcher (a rank failed, or the job was cancelled)")
+
+
+def _dist_errors() -> tuple:
+    return tuple(e for e in (getattr(dist, "DistBackendError", None), getattr(dist, "DistError", None)) if e)
+
+
+class Rank:
+    """One rank of a job: its config and layout, the world, the heartbeat, and how it dies."""
+
+    def __init__(self, config_path: str, startup_timeout: float, step_timeout: float, threads: int | None):
+        self.who = f"rank {global_rank()}"
+        self.timeout = startup_timeout
+        self.world = self.heartbeat = None
+        self.cfg, self.layout, problem = prepare_here(config_path, startup_timeout)
+        torch.set_num_threads(threads_per_rank(threads))
+        with self.guard():
+            device = connect(startup_timeout)
+            if problem is None and dist.is_initialized():
+                problem = self._world_problem() or self._read_members(device)
+            if dist.is_initialized():
+                agree(problem, stop_all)     # every rank, every host: go on together or stop together
+            elif problem:
+                die(self.who, problem, 2)
+            self.who = self.layout.describe(global_rank())
+            # the process groups wait as long as start-up may take (a 70B member loads while a 7B
+            # one waits); once every rank steps, the heartbeat holds each step to step_timeout
+            self.world = init_world(self.layout, startup_timeout)
+            if not hasattr(self, "members"):
+                self.members = self._members(device)
+            self.heartbeat = Heartbeat(self.world, step_timeout=step_timeout, on_dead=lambda why: die(
+                self.world.describe, f"stopping: {why}", linger=3.0 if self.world.rank == 0 else 0.0))
+            signal.signal(signal.SIGTERM, on_sigterm(self.world, self.heartbeat))
+
+    def _world_problem(self) -> str | None:
+        try:
+            check_world(self.layout, dist.get_world_size())
+        except LayoutError as e:
+            return str(e)
+        return None
+
+    def _members(self, device):
+        """What this rank reads: its own member's files, the main member's tokenizer (to decode);
+        a replica's root every tokenizer (the results count each member's tokens), and rank 0
+        the fingerprints that key the anchors. Prepared already (startup.py): nothing is written."""
+        rank, n = global_rank(), len(self.layout.names)
+        only = set(range(n)) if rank % self.layout.size == 0 else {0, self.layout.member_of(rank)}
+        return load_members(self.cfg, with_models=False, log=lambda m: None, device=device, only=only,
+                            fingerprints=rank == 0, prepare=False)
+
+    def _read_members(self, device) -> str | None:
+        try:
+            self.members = self._members(device)
+        except (MemberError, OSError, ValueError) as e:
+            return f"{host_label()}: {e}"
+        return None
+
+    @contextmanager
+    def guard(self):
+        """Any failure inside stops this rank loudly, naming it and (from the heartbeats) the
+        rank that went quiet; never a hang."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            die(self.who, "interrupted; rerun with --resume to finish", 130)
+        except Exception as e:  # noqa: BLE001 - any failure must stop this rank, not hang it
+            if self.heartbeat is not None and isinstance(e, (RuntimeError, *_dist_errors())):
+                fail_job(self.world, self.heartbeat, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            die(self.world.describe if self.world else self.who, f"{type(e).__name__}: {e}")
+
+    def _anchors(self) -> Path:
+        """Rank 0 finds (or builds) the anchors and checks them; every host gets a copy."""
+        w, cfg = self.world, self.cfg
+        found = None
+        if w.rank == 0:
+            try:
+                entry = anchors_entry(cfg, self.members, build=True, progress=False,
+                                      log=lambda m: log_line(f"{host_label()}: {m}"))
+                found = {"key": entry.name, "error": None}
+                # summaries carry token ids as fp32 (deepen/summary.py): checked here, for every rank
+                if shares_rows(cfg.mode, cfg.anchors.split_fusion, len(w.layout.leaders)):
+                    for name, size in zip(anchor_info(entry)["members"], anchor_info(entry)["vocab_sizes"]):
+                        if size > EXACT_IDS:
+                            found["error"] = (f"{cfg.path}: anchors.split_fusion: member {name!r} has {size} tokens, "
+                                              "past the 2**24 that travel exactly as fp32; set split_fusion = false")
+            except (FileNotFoundError, ValueError, OSError, TimeoutError) as e:
+                found = {"key": None, "error": str(e)}
+        found = broadcast_message(found)
+        if found["error"]:
+            stop_all([found["error"]])
+        return share_entry(found["key"], anchors_root(), self.timeout,
+                           log=lambda m: log_line(f"{host_label()}: {m}"))
+
+    def load(self):
+        """This rank's member, sharded over its group, and (leaders) its relative transfer."""
+        w, members = self.world, self.members
+        entry = self._anchors()    # before the models: rank 0 may build them, one embedding at a time
+        mine = members[w.member]
+        dtype = getattr(torch, mine.config.dtype)
+        if mine.config.loading == "sharded" and not mine.config.allow_pickle:
+            mine.model = load_shard(mine.path, mine.config, w, dtype)   # only this rank's slices
+        else:
+            mine.model = shard_member(load_model(mine.path, mine.config), w, dtype)
+        # a leader loads its own member's transfer; with split_fusion (fast mode, several
+        # leaders) every member's, since it fuses whole rows (deepen/split.py)
+        split = shares_rows(self.cfg.mode, self.cfg.anchors.split_fusion, len(w.layout.leaders))
+        only = (None if split else w.member) if w.is_leader else -1
+        return members, make_fuser(self.cfg, members, entry, only=only)
+
+    def engine(self, members, fuser, batch: int, micro_batches: int = 1):
+        """This rank's Engine, or (micro_batches > 1) its Pipeline of micro-batches."""
+        engine = make_engine(members, fuser, batch, {self.world.member: Lane(members[self.world.member])},
+                             GroupExchange(self.world, phase=self.heartbeat.phase), micro_batches)
+        parts = micro_batches_for(batch, micro_batches)
+        # each micro-batch's first step and first forward pass fall under the start-up timeout
+        self.heartbeat.warmup = 1 if parts == 1 else 2 * parts
+        for part in getattr(engine, "parts", [engine]):
+            stall_for_tests(part, self.world.rank)
+        return engine
+
+    def close(self):
+        self.heartbeat.close()  # before the store's host (rank 0) may leave
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def stall_for_tests(engine, rank: int):
+    """A test hook, for the one failure no test can cause from outside: a rank that is alive (its
+    heartbeat thread beats) but stuck inside a step. DEEPEN_FAULT=stall:RANK:STEP:SECONDS makes
+    rank RANK sleep SECONDS in its step STEP (`*`: in every step). Unset, it does nothing."""
+    fault = os.environ.get("DEEPEN_FAULT", "")
+    if not fault.startswith("stall:"):
+        return
+    who, at, seconds = fault.split(":")[1:]
+    if int(who) != rank:
+        return
+    begin = engine.begin_step
+
+    def stalled():
+        if at == "*" or engine.steps == int(at):
+            if at != "*":
+                print(f"deepen: test hook: rank {rank} stalls inside step {at} for {float(seconds):g} s",
+                      file=sys.stderr, flush=True)
+            time.sleep(float(seconds))
+        return begin()
+    engine.begin_step = stalled
