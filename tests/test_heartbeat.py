@@ -173,12 +173,12 @@ import os, signal, sys, time, torch, torch.distributed as dist
 from datetime import timedelta
 sys.path.insert(0, {root!r})
 from runtime.distributed.heartbeat import Heartbeat
-from runtime.distributed.rank import on_sigterm
+from runtime.distributed.rank import install_sigterm
 from runtime.distributed.world import Layout, World
 layout = Layout(("a",), ((0,),))
 w = World(layout, 0, 0, [], None, torch.device("cpu"))
 hb = Heartbeat(w, store=dist.TCPStore("127.0.0.1", {port}, 1, True, timeout=timedelta(seconds=10)))
-signal.signal(signal.SIGTERM, on_sigterm(w, hb))
+signals = install_sigterm(w, hb)
 with hb.lock:   # the main thread in the middle of a store call (a queue take, a relay post)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(60)

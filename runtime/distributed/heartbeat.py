@@ -9,6 +9,9 @@ from contextlib import contextmanager
 import torch.distributed as dist
 
 
+FAILED = "deepen/failed"
+
+
 class Heartbeat:
     """Liveness of the ranks, through the job's rendezvous store (hosted by rank 0).
 
@@ -47,6 +50,7 @@ class Heartbeat:
         self.posted = None
         self.warmup = 1          # steps under the start-up timeout (2 x micro-batches when pipelined)
         self.resting = False     # stepping is over for this rank (it may still wait for results)
+        self.announced = False   # this rank told the others why the job stops
         self.store = store if store is not None else dist.distributed_c10d._get_default_store()
         self.seen: dict[int, tuple[int, float]] = {}   # rank -> (last counter, when it changed)
         self.lock = threading.RLock()
@@ -75,7 +79,8 @@ class Heartbeat:
                     if position != self.posted:
                         self.store.set(f"deepen/at/{self.world.rank}", str(position))
                         self.posted = position
-                dead = self.quiet(self.stale) or self.stuck()
+                    told = "" if self.announced or not self.store.check([FAILED]) else self.store.get(FAILED).decode()
+                dead = told or self.quiet(self.stale) or self.stuck()
             except Exception as e:  # noqa: BLE001 - whatever it is, the job must stop, named
                 dead = self.failure(e)
             if dead and self.on_dead is not None and not self.stop.is_set():
@@ -130,6 +135,19 @@ class Heartbeat:
             return ""   # the stuck rank lets the ranks waiting on it speak first (they see the whole picture)
         names = "; ".join(layout.describe(r) for r in behind)   # the same words on every rank
         return f"{names} has not finished step {step} within {limit}: alive but stuck after '{name}'"
+
+    def announce(self, why: str):
+        """This rank found out why the job stops: tell every rank, through the store. Those
+        blocked in a collective with it (where no signal handler runs) say the same, at once."""
+        self.announced = True
+        try:
+            if self.lock.acquire(timeout=1.0):
+                try:
+                    self.store.set(FAILED, f"{why} (seen by {self.world.describe})")
+                finally:
+                    self.lock.release()
+        except Exception:  # noqa: BLE001 - the store's host may be gone: the others find out anyway
+            pass
 
     def rest(self):
         """This rank's stepping is over (it may still wait, e.g. rank 0 for the other replicas'

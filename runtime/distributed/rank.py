@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +38,7 @@ from .share import log_line, share_entry
 from .startup import agree, host_label, prepare_here
 from .world import LayoutError, check_world, connect, global_rank, init_world, shard_member, threads_per_rank
 
-_dying: list[str] = []
+_dying = threading.Lock()   # held by the one thread that says why this rank stops
 
 
 def die(who: str, error: BaseException | str, code: int = 1, linger: float = 0.0):
@@ -51,7 +53,7 @@ def die(who: str, error: BaseException | str, code: int = 1, linger: float = 0.0
 def stop_all(lines: list[str], code: int = 2):
     """Every rank stops on a verdict they all hold: rank 0 says each line once, the others go
     quietly (and a SIGTERM from the launcher meanwhile adds nothing)."""
-    _dying.append("verdict")
+    _dying.acquire(blocking=False)
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
         sys.stderr.write("".join(f"deepen: {line}\n" for line in lines))
         sys.stderr.flush()
@@ -59,22 +61,45 @@ def stop_all(lines: list[str], code: int = 2):
 
 
 def fail_job(world, heartbeat, what: str):
-    """Another rank failed: name it (from the heartbeats), then exit. Rank 0 hosts the store the
-    others read, so it leaves last."""
-    if _dying:
-        return
-    _dying.append(what)
+    """Another rank failed: name it (from the heartbeats), tell the others, then exit. Rank 0
+    hosts the store the others read, so it leaves last. A second caller (another thread) waits
+    for the first to end the process."""
+    if not _dying.acquire(blocking=False):
+        while True:
+            time.sleep(60)
     why = heartbeat.identify()
+    heartbeat.announce(why)
     if world.rank == 0:
         time.sleep(3.0)
     die(world.describe, f"{what} -- {why}")
 
 
-def on_sigterm(world, heartbeat):
-    """The handler for the launcher's SIGTERM (it stops the other ranks when one fails): say who
-    we are and who went silent before going. It runs in the main thread wherever that was, so
-    nothing in it waits long on a lock (Heartbeat.identify)."""
-    return lambda *_: fail_job(world, heartbeat, "stopped by the launcher (a rank failed, or the job was cancelled)")
+def on_dead(world):
+    """What the heartbeat thread calls when it finds a rank dead or stuck, or is told so."""
+    def stop(why: str):
+        if _dying.acquire(blocking=False):
+            die(world.describe, f"stopping: {why}", linger=3.0 if world.rank == 0 else 0.0)
+    return stop
+
+
+def install_sigterm(world, heartbeat):
+    """The launcher's SIGTERM (it stops a host's other ranks when one fails): say who we are and
+    who went silent, then go. Python runs signal handlers in the main thread, and only between
+    two bytecodes: a main thread blocked in a collective would run it only once that collective
+    fails, perhaps because the store's host left meanwhile. So the signal is taken from the
+    wake-up fd, which the interpreter writes at once, by a thread of its own; nothing in it waits
+    long on a lock the interrupted main thread may hold (Heartbeat.identify)."""
+    read, write = socket.socketpair()
+    write.setblocking(False)
+    signal.signal(signal.SIGTERM, lambda *_: None)   # the watcher acts; the main thread goes on
+    signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+
+    def watch():
+        while signal.SIGTERM.value not in read.recv(64):
+            pass
+        fail_job(world, heartbeat, "stopped by the launcher (a rank failed, or the job was cancelled)")
+    threading.Thread(target=watch, daemon=True, name="deepen-sigterm").start()
+    return read, write
 
 
 def _dist_errors() -> tuple:
@@ -104,9 +129,8 @@ class Rank:
             self.world = init_world(self.layout, startup_timeout)
             if not hasattr(self, "members"):
                 self.members = self._members(device)
-            self.heartbeat = Heartbeat(self.world, step_timeout=step_timeout, on_dead=lambda why: die(
-                self.world.describe, f"stopping: {why}", linger=3.0 if self.world.rank == 0 else 0.0))
-            signal.signal(signal.SIGTERM, on_sigterm(self.world, self.heartbeat))
+            self.heartbeat = Heartbeat(self.world, step_timeout=step_timeout, on_dead=on_dead(self.world))
+            self._signals = install_sigterm(self.world, self.heartbeat)
 
     def _world_problem(self) -> str | None:
         try:
