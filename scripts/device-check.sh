@@ -58,7 +58,7 @@ step() {
   archive
   return $code
 }
-figures() { [ -s "$1" ] && { echo; cat "$1"; echo; } >> "$SUMMARY"; archive; }
+figures() { [ -s "$1" ] && { echo; grep -v '^\[20' "$1"; echo; } >> "$SUMMARY"; archive; }
 
 say "# device check $(date -u +%Y-%m-%dT%H:%M:%SZ)$([ "$DRY" = 1 ] && echo ' (DRY_RUN: on the CPU, small workloads)')"
 if [ "$DRY" = 1 ]; then
@@ -90,16 +90,18 @@ if torch.cuda.is_available():
     print(f"GPU {p.name}, {p.total_memory / 2**30:.0f} GiB, bf16 {torch.cuda.is_bf16_supported()}")
 from runtime.versions import check_versions, installed
 print(f"transformers {installed('transformers')}, deepspeed {installed('deepspeed')}")
+carry = "; carry the wheels of scripts/device-wheels.sh (.whl) with the tree"
 problem = None if dry or torch.cuda.is_available() else (
     f"CUDA is not available to torch {torch.__version__} (built for CUDA {torch.version.cuda})")
-problem = problem or check_versions()
+if problem is None and check_versions():
+    problem = check_versions() + carry
 if problem is None:
     try:
         import deepspeed  # noqa: F401
     except Exception as e:  # noqa: BLE001
-        problem = f"deepspeed does not import: {type(e).__name__}: {e}"
+        problem = f"deepspeed does not import: {type(e).__name__}: {e}{carry}"
 if problem:
-    print(f"STOP: {problem}; carry the wheels of scripts/device-wheels.sh (.whl) with the tree")
+    print(f"STOP: {problem}")
     sys.exit(1)
 EOF
 export DRY_RUN=$DRY
