@@ -16,7 +16,8 @@ from ..engine.sampling import GREEDY
 from ..jobs.files import ResultWriter, pending_requests
 from ..jobs.progress import peak_rss_mb
 from .exchange import broadcast_message, gather_messages
-from .rank import Rank, die, stop_all
+from .rank import Rank
+from .startup import die, stop_all
 from .replicas import ResultRelay, SharedQueue
 
 
@@ -35,10 +36,10 @@ def rank_report(rank: Rank, engine, seconds: float, tokens: int) -> dict:
 
 def generate(config_path, input_path, output_path, resume=False, overwrite=False, skip_bad=False,
              batch=8, max_new_tokens=64, stop=(), startup_timeout=1800.0, step_timeout=120.0, threads=None,
-             stats=None, sampling=None, seed=0, micro_batches=1):
+             stats=None, sampling=None, seed=0, micro_batches=1, started=None):
     """`deepen generate` across ranks: rank 0 alone reads --input and writes --output;
-    `micro_batches` > 1 pipelines the batch (engine/pipeline.py)."""
-    rank = Rank(config_path, startup_timeout, step_timeout, threads)
+    `micro_batches` > 1 pipelines the batch (engine/pipeline.py); `started`: startup.begin's."""
+    rank = Rank(config_path, startup_timeout, step_timeout, threads, started)
     with rank.guard():
         # rank 0 checks the input before anyone loads a model; everybody learns the verdict
         verdict, requests = None, None
@@ -107,13 +108,13 @@ def generate(config_path, input_path, output_path, resume=False, overwrite=False
 
 
 def bench(config_path, batch="1,8", new_tokens=16, prompts_path=None, repeat=3, output=None,
-          startup_timeout=1800.0, step_timeout=120.0, threads=None, micro_batches="1"):
+          startup_timeout=1800.0, step_timeout=120.0, threads=None, micro_batches="1", started=None):
     """`deepen bench` across ranks: tokens/s from rank 0, every rank's own breakdown; each batch
     size once per entry of `micro_batches` (comma-separated: "1,2" times it unpipelined and
     pipelined, engine/pipeline.py)."""
     from ..bench.bench import batch_of, bench_prompts
     from ..bench.ranks import rank_run, rank_table, summarize_ranks
-    rank = Rank(config_path, startup_timeout, step_timeout, threads)
+    rank = Rank(config_path, startup_timeout, step_timeout, threads, started)
     with rank.guard():
         if rank.world.layout.replicas > 1:
             die(rank.world.describe, f"bench runs one replica: start {rank.world.layout.size} ranks, not "

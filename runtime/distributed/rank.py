@@ -35,36 +35,14 @@ from .exchange import GroupExchange, broadcast_message
 from .heartbeat import Heartbeat
 from .loading import load_shard
 from .share import log_line, share_entry
-from .startup import agree, host_label, prepare_here
-from .world import LayoutError, check_world, connect, global_rank, init_world, shard_member, threads_per_rank
-
-_dying = threading.Lock()   # held by the one thread that says why this rank stops
-
-
-def die(who: str, error: BaseException | str, code: int = 1, linger: float = 0.0):
-    """Say who failed and why, then exit at once (`linger`: seconds to stay up first, for rank 0,
-    whose store the others read to name the failed rank themselves)."""
-    sys.stderr.write(f"deepen: {who}: {error}\n")
-    sys.stderr.flush()
-    time.sleep(linger)
-    os._exit(code)  # never hang in atexit handlers or collectives
-
-
-def stop_all(lines: list[str], code: int = 2):
-    """Every rank stops on a verdict they all hold: rank 0 says each line once, the others go
-    quietly (and a SIGTERM from the launcher meanwhile adds nothing)."""
-    _dying.acquire(blocking=False)
-    if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
-        sys.stderr.write("".join(f"deepen: {line}\n" for line in lines))
-        sys.stderr.flush()
-    os._exit(code)
-
+from .startup import dying, agree, begin, die, host_label, stop_all
+from .world import global_rank, init_world, shard_member, threads_per_rank
 
 def fail_job(world, heartbeat, what: str):
     """Another rank failed: name it (from the heartbeats), tell the others, then exit. Rank 0
     hosts the store the others read, so it leaves last. A second caller (another thread) waits
     for the first to end the process."""
-    if not _dying.acquire(blocking=False):
+    if not dying.acquire(blocking=False):
         while True:
             time.sleep(60)
     why = heartbeat.identify()
@@ -77,7 +55,7 @@ def fail_job(world, heartbeat, what: str):
 def on_dead(world):
     """What the heartbeat thread calls when it finds a rank dead or stuck, or is told so."""
     def stop(why: str):
-        if _dying.acquire(blocking=False):
+        if dying.acquire(blocking=False):
             die(world.describe, f"stopping: {why}", linger=3.0 if world.rank == 0 else 0.0)
     return stop
 
@@ -109,20 +87,17 @@ def _dist_errors() -> tuple:
 class Rank:
     """One rank of a job: its config and layout, the world, the heartbeat, and how it dies."""
 
-    def __init__(self, config_path: str, startup_timeout: float, step_timeout: float, threads: int | None):
+    def __init__(self, config_path: str, startup_timeout: float, step_timeout: float, threads: int | None,
+                 started=None):
+        """`started`: what startup.begin returned (launcher/run.py calls it before importing this)."""
         self.who = f"rank {global_rank()}"
         self.timeout = startup_timeout
         self.world = self.heartbeat = None
-        self.cfg, self.layout, problem = prepare_here(config_path, startup_timeout)
+        self.cfg, self.layout, device = started or begin(config_path, startup_timeout)
         torch.set_num_threads(threads_per_rank(threads))
         with self.guard():
-            device = connect(startup_timeout)
-            if problem is None and dist.is_initialized():
-                problem = self._world_problem() or self._read_members(device)
             if dist.is_initialized():
-                agree(problem, stop_all)     # every rank, every host: go on together or stop together
-            elif problem:
-                die(self.who, problem, 2)
+                agree(self._read_members(device))   # every rank, every host: go on together or stop together
             self.who = self.layout.describe(global_rank())
             # the process groups wait as long as start-up may take (a 70B member loads while a 7B
             # one waits); once every rank steps, the heartbeat holds each step to step_timeout
@@ -131,13 +106,6 @@ class Rank:
                 self.members = self._members(device)
             self.heartbeat = Heartbeat(self.world, step_timeout=step_timeout, on_dead=on_dead(self.world))
             self._signals = install_sigterm(self.world, self.heartbeat)
-
-    def _world_problem(self) -> str | None:
-        try:
-            check_world(self.layout, dist.get_world_size())
-        except LayoutError as e:
-            return str(e)
-        return None
 
     def _members(self, device):
         """What this rank reads: its own member's files, the main member's tokenizer (to decode);

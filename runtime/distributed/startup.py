@@ -18,14 +18,38 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+import time
 
 import torch
+import torch.distributed as dist
 
 from ..members.config import ConfigError, load_config
 from ..members.prepare import member_dir
 from ..members.sources import MemberError, deepen_home
 from ..versions import check_versions
-from .world import LayoutError, check_world, global_rank, layout_for, local_rank, local_world_size
+from .world import LayoutError, check_world, connect, global_rank, layout_for, local_rank, local_world_size
+
+dying = threading.Lock()   # held by the one thread that says why this rank stops
+
+
+def die(who: str, error: BaseException | str, code: int = 1, linger: float = 0.0):
+    """Say who failed and why, then exit at once (`linger`: seconds to stay up first, for rank 0,
+    whose store the others read to name the failed rank themselves)."""
+    sys.stderr.write(f"deepen: {who}: {error}\n")
+    sys.stderr.flush()
+    time.sleep(linger)
+    os._exit(code)  # never hang in atexit handlers or collectives
+
+
+def stop_all(lines: list[str], code: int = 2):
+    """Every rank stops on a verdict they all hold: rank 0 says each line once, the others go
+    quietly (and a SIGTERM from the launcher meanwhile adds nothing)."""
+    dying.acquire(blocking=False)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        sys.stderr.write("".join(f"deepen: {line}\n" for line in lines))
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def node_index() -> int | None:
@@ -150,11 +174,33 @@ def check_full_loading(member, model_dir, ranks_here: int, available: int | None
                          f"has {gb(available)} available: use loading = \"sharded\" (each rank reads only its slices)")
 
 
-def agree(problem: str | None, stop) -> None:
-    """Every rank's start-up problem, on every rank. If there is any, rank 0 says each once and
-    every rank stops with `stop(lines)` (exit status 2); else nothing happens."""
+def agree(problem: str | None) -> None:
+    """Every rank's start-up problem, on every rank (each rank calls this once). If there is any,
+    rank 0 says each once and every rank stops (exit status 2); else nothing happens."""
     from .exchange import gather_messages
     seen = gather_messages({"problem": problem})
     problems = list(dict.fromkeys(m["problem"] for m in seen if m["problem"]))
     if problems:
-        stop(problems)
+        stop_all(problems)
+
+
+def begin(config_path: str, timeout: float):
+    """(config, layout, device): this host prepared, this rank connected. Imports neither
+    transformers nor DeepSpeed, so a host where either is missing or too old still tells every
+    rank, through `agree`, and all stop. A rank with no problem here calls `agree` later, once it
+    has read its members (runtime/distributed/rank.py)."""
+    cfg, layout, problem = prepare_here(config_path, timeout)
+    try:
+        device = connect(timeout)
+    except Exception as e:  # noqa: BLE001 - no world to tell: say it here
+        die(f"rank {global_rank()} on {host_label()}", f"cannot join the job: {type(e).__name__}: {e}")
+    if problem is None and dist.is_initialized():
+        try:
+            check_world(layout, dist.get_world_size())
+        except LayoutError as e:
+            problem = str(e)
+    if problem is not None:
+        if dist.is_initialized():
+            agree(problem)
+        die(f"rank {global_rank()}", problem, 2)   # a launcher that sets no RANK/WORLD_SIZE: nobody to tell
+    return cfg, layout, device
