@@ -142,8 +142,11 @@ class Rank:
         found = None
         if w.rank == 0:
             try:
+                t0, built = time.perf_counter(), []
                 entry = anchors_entry(cfg, self.members, build=True, progress=False,
-                                      log=lambda m: log_line(f"{host_label()}: {m}"))
+                                      log=lambda m: (built.append(m), log_line(f"{host_label()}: {m}")))
+                if built:
+                    log_line(f"{host_label()}: anchors: built {entry.name} in {time.perf_counter() - t0:.1f} s")
                 found = {"key": entry.name, "error": None}
                 # summaries carry token ids as fp32 (deepen/summary.py): checked here, for every rank
                 if shares_rows(cfg.mode, cfg.anchors.split_fusion, len(w.layout.leaders)):
