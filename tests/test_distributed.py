@@ -157,7 +157,10 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     mass fast mode neglected; the same timing parts. Fast mode shares the fused rows out between
     the leaders (split_fusion) except in pair-plain; tiny-tp: the main member at tp 2; pair-agree:
     the agreement skip, the assists' argmaxes gathered before the rows are picked. micro > 1:
-    the batch pipelined in that many micro-batches (engine/pipeline.py), same tokens."""
+    the batch pipelined in that many micro-batches (engine/pipeline.py), same tokens. pair-fast
+    in 2 micro-batches also has rank 1 sleep 4 s in each micro-batch's second step, past a
+    --step-timeout of 3 s (DEEPEN_FAULT): those steps are the micro-batches' warm-up, under the
+    start-up timeout (before, only the job's first step was, and the job was stopped)."""
     config = config if config.startswith("configs/") else str(home / f"{config}.toml")
     inp = tmp_path / "in.jsonl"
     prompts(inp, 7)
@@ -167,9 +170,12 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
                    env=env(home), check=True, capture_output=True)
     multi = tmp_path / "multi.jsonl"
     stats = tmp_path / "stats.json"
+    warmup = config.endswith("pair-fast.toml") and micro == 2
     proc = launch(home, ranks, "launcher/run.py", "--config", config, "--input", str(inp),
                   "--output", str(multi), "--batch", str(3 * micro), "--stats", str(stats),
-                  "--micro-batches", str(micro))   # micro-batches of 3 rows, as the single process's batch
+                  "--micro-batches", str(micro),   # micro-batches of 3 rows, as the single process's batch
+                  *(["--step-timeout", "3"] if warmup else []),
+                  extra_env={"DEEPEN_FAULT": "stall:1:1:4"} if warmup else None)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert records(multi) == records(single)
@@ -363,3 +369,38 @@ def test_bench_under_the_launcher_reports_every_rank(home, tmp_path, mode):
         elif row["batch"] == 3 and row["micro_batches"] == 1:   # at batch 1 the one fused row goes to the assist
             assert all("search" in r["share"] for r in row["ranks"]) and min(here) > 0
     assert "| 3 |" in text  # the table on rank 0's output
+
+
+def test_token_ids_past_fp32s_exact_range_stop_every_rank_in_one_line(home, tmp_path):
+    """split_fusion sends token ids as fp32, exact below 2**24: rank 0 checks every member's
+    vocabulary before anything loads, and every rank stops, a tensor-parallel rank that leads
+    nothing included (before: only the leaders stopped; the others waited for the heartbeat).
+    The limit is lowered to 10 tokens (helpers/patched_run.py): a 2**24-token vocabulary does not
+    fit on this machine, so this condition cannot be caused otherwise."""
+    config = tmp_path / "tp-fast.toml"
+    config.write_text('[ensemble]\nmain = "tiny-sp"\neta = 0.3\nmode = "fast"\n[[members]]\nname = "tiny-sp"\n'
+                      'source = "tiny:tiny-sp"\ntp_size = 2\n[[members]]\nname = "tiny-bpe"\nsource = "tiny:tiny-bpe"\n')
+    prompts(tmp_path / "in.jsonl", 2)
+    proc = launch(home, 3, "tests/helpers/patched_run.py", "exact-ids:10", "--config", str(config), "--input",
+                  str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("deepen:")]
+    assert len(lines) == 1 and "anchors.split_fusion: member 'tiny-sp' has" in lines[0], lines
+    assert "no heartbeat" not in out and "Traceback" not in out
+
+
+def test_a_peer_gone_while_sharding_is_not_called_an_autotp_failure(home, tmp_path):
+    """Rank 1 of a tensor-parallel member exits just before sharding (helpers/patched_run.py: no
+    test can kill a rank at that moment from outside); rank 0's init_inference then fails in its
+    world broadcast, which is a collective failing, not AutoTP being unable to split the model."""
+    config = tmp_path / "tp.toml"
+    config.write_text('[ensemble]\nmain = "tiny-sp"\n[[members]]\nname = "tiny-sp"\nsource = "tiny:tiny-sp"\n'
+                      'tp_size = 2\n')
+    prompts(tmp_path / "in.jsonl", 2)
+    proc = launch(home, 2, "tests/helpers/patched_run.py", "exit-before-shard:1", "--config", str(config), "--input",
+                  str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "a collective failed while DeepSpeed-Inference sharded MistralForCausalLM over tp_size 2" in out, out[-3000:]
+    assert "AutoTP could not shard" not in out

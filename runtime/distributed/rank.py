@@ -154,6 +154,7 @@ class Rank:
                         if size > EXACT_IDS:
                             found["error"] = (f"{cfg.path}: anchors.split_fusion: member {name!r} has {size} tokens, "
                                               "past the 2**24 that travel exactly as fp32; set split_fusion = false")
+                            break
             except (FileNotFoundError, ValueError, OSError, TimeoutError) as e:
                 found = {"key": None, "error": str(e)}
         found = broadcast_message(found)
