@@ -271,18 +271,24 @@ def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
 
 def test_two_replicas_give_the_single_process_results_and_a_killed_replica_resumes(home, tmp_path):
     """4 ranks x the 2-member pair = 2 replicas sharing one queue and one output file: the greedy
-    results of one process, with both replicas decoding; then rank 3 (replica 1) is killed
-    mid-job: every rank stops, the lines written stay whole, and --resume writes each missing id
-    exactly once."""
+    results of one process, with both replicas decoding. Replica 1's root sleeps 1 s in each step
+    (DEEPEN_FAULT) and the first prompts, which both replicas take at once, are the long ones: so
+    replica 0 drains the queue and rank 0 then waits for replica 1's last rows far longer than
+    --step-timeout (4 s), which is not being stuck (before: rank 0's heartbeat stopped the job).
+    Then rank 3 (replica 1) is killed mid-job: every rank stops, the lines written stay whole,
+    and --resume writes each missing id exactly once."""
     config = str(home / "pair-fast.toml")
     inp = tmp_path / "in.jsonl"
     prompts(inp, 24, tokens=12)
+    inp.write_text("".join(json.dumps({**r, "max_new_tokens": 16 if r["id"] < 4 else 4}) + "\n" for r in read_jsonl(inp)))
+    slow = {"DEEPEN_FAULT": "stall:2:*:1"}
     want = tmp_path / "want.jsonl"
     subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
                     "--output", str(want), "--batch", "2"], cwd=ROOT, env=env(home), check=True, capture_output=True)
     out_path, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    args = ["launcher/run.py", "--config", config, "--input", str(inp), "--output", str(out_path), "--batch", "2"]
-    proc = launch(home, 4, *args, "--stats", str(stats))
+    args = ["launcher/run.py", "--config", config, "--input", str(inp), "--output", str(out_path), "--batch", "2",
+            "--step-timeout", "4"]
+    proc = launch(home, 4, *args, "--stats", str(stats), extra_env=slow)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert records(out_path) == records(want) and len(read_jsonl(out_path)) == 24
@@ -291,7 +297,7 @@ def test_two_replicas_give_the_single_process_results_and_a_killed_replica_resum
     assert json.loads(stats.read_text())["tokens"] > 0
 
     out_path.unlink()
-    proc = launch(home, 4, *args)
+    proc = launch(home, 4, *args, extra_env=slow)
     deadline = time.time() + 240
     while time.time() < deadline and (not out_path.exists() or out_path.read_text().count('\n') < 4):
         time.sleep(0.05)
