@@ -1,6 +1,7 @@
 """The distributed runtime under the real `deepspeed` launcher, on CPU (gloo), tiny members."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,11 +59,35 @@ def home(tmp_path_factory):
     for name in ("tiny", "tiny-tp"):   # three leaders; a main member at tp 2 (a rank that leads nothing)
         text = (ROOT / "configs" / f"{name}.toml").read_text()
         (home / f"{name}-fast.toml").write_text(text.replace('mode = "exact"', 'mode = "fast"'))
-    for config in ("configs/tiny.toml", "configs/tiny-tp.toml", str(home / "pair-exact.toml"),
-                   str(home / "pair-agree.toml")):
-        subprocess.run([sys.executable, "-m", "launcher.cli", "anchors", "build", config], cwd=ROOT,
-                       env={**os.environ, "DEEPEN_HOME": str(home)}, check=True, capture_output=True)
+    from runtime.members.config import load_config
+    from runtime.members.ensemble import anchors_entry, load_members
+    for config in (ROOT / "configs" / "tiny.toml", home / "pair-exact.toml", home / "pair-agree.toml"):
+        cfg = load_config(config)   # tiny-tp's members are tiny's: the same anchors
+        anchors_entry(cfg, load_members(cfg, with_models=False, home=home, log=lambda m: None), home,
+                      progress=False, log=lambda m: None)
     return home
+
+
+_SINGLE: dict = {}
+
+
+def single_process(home: Path, config, inp: Path, out: Path, *options, stats: Path | None = None):
+    """`deepen generate`'s results (and --stats) for the launcher's to equal: the command's own code
+    run in this process (click's runner), once per config, input and options in the session."""
+    from click.testing import CliRunner
+    from launcher.cli import main
+    key = (str(home), str(config), inp.read_text(), options, stats is not None)
+    if key not in _SINGLE:
+        where = home / "single" / str(len(_SINGLE))
+        where.mkdir(parents=True)
+        args = ["generate", "--config", str(ROOT / config), "--input", str(inp), "--output", str(where / "out.jsonl"),
+                *options, *(["--stats", str(where / "stats.json")] if stats else [])]
+        result = CliRunner().invoke(main, args, env={"DEEPEN_HOME": str(home)}, catch_exceptions=False)
+        assert result.exit_code == 0, result.output[-3000:]
+        _SINGLE[key] = where
+    shutil.copy(_SINGLE[key] / "out.jsonl", out)
+    if stats:
+        shutil.copy(_SINGLE[key] / "stats.json", stats)
 
 
 def env(home):
@@ -165,9 +190,7 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     inp = tmp_path / "in.jsonl"
     prompts(inp, 7)
     single, single_stats = tmp_path / "single.jsonl", tmp_path / "single-stats.json"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
-                    "--output", str(single), "--batch", "3", "--stats", str(single_stats)], cwd=ROOT,
-                   env=env(home), check=True, capture_output=True)
+    single_process(home, config, inp, single, "--batch", "3", stats=single_stats)
     multi = tmp_path / "multi.jsonl"
     stats = tmp_path / "stats.json"
     warmup = config.endswith("pair-fast.toml") and micro == 2
@@ -210,8 +233,7 @@ def test_sampled_generation_under_the_launcher_is_the_single_process_one(home, t
     prompts(inp, 5)
     options = ["--batch", "3", "--temperature", "0.8", "--top-k", "40", "--samples", "2", "--seed", "3", "--logprobs", "2"]
     single = tmp_path / "single.jsonl"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
-                    "--output", str(single), *options], cwd=ROOT, env=env(home), check=True, capture_output=True)
+    single_process(home, config, inp, single, *options)
     multi = tmp_path / "multi.jsonl"
     proc = launch(home, 2, "launcher/run.py", "--config", config, "--input", str(inp), "--output", str(multi), *options)
     out, _ = proc.communicate(timeout=300)
@@ -237,9 +259,7 @@ def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
     inp = tmp_path / "in.jsonl"
     prompts(inp, 30, tokens=14)
     want = tmp_path / "want.jsonl"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", "configs/tiny.toml",
-                    "--input", str(inp), "--output", str(want), "--batch", "2"], cwd=ROOT, env=env(home),
-                   check=True, capture_output=True)
+    single_process(home, "configs/tiny.toml", inp, want, "--batch", "2")
     out_path = tmp_path / "out.jsonl"
     args = ["launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp), "--output",
             str(out_path), "--batch", "2"]
@@ -283,8 +303,7 @@ def test_two_replicas_give_the_single_process_results_and_a_killed_replica_resum
     inp.write_text("".join(json.dumps({**r, "max_new_tokens": 16 if r["id"] < 4 else 4}) + "\n" for r in read_jsonl(inp)))
     slow = {"DEEPEN_FAULT": "stall:2:*:1"}
     want = tmp_path / "want.jsonl"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
-                    "--output", str(want), "--batch", "2"], cwd=ROOT, env=env(home), check=True, capture_output=True)
+    single_process(home, config, inp, want, "--batch", "2")
     out_path, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
     args = ["launcher/run.py", "--config", config, "--input", str(inp), "--output", str(out_path), "--batch", "2",
             "--step-timeout", "4"]

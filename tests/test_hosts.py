@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import psutil
 import pytest
 
 from runtime.jobs.files import read_jsonl
-from test_distributed import DEEPSPEED, ROOT, free_port, prompts, records
+from test_distributed import DEEPSPEED, ROOT, free_port, prompts, records, single_process
 
 TWO_BY_TWO = "hosta slots=2\nhostb slots=2\n"   # tiny-tp: the main (tp 2) on hosta, the two assists on hostb
 
@@ -57,9 +56,7 @@ def test_two_hosts_from_empty_caches_give_the_single_process_results(first_use):
     (code_a, log_a), (code_b, log_b) = first_use["done"]
     assert code_a == 0 and code_b == 0, (log_a[-3000:], log_b[-3000:])
     single = first_use["tmp"] / "single.jsonl"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", "configs/tiny-tp.toml", "--input",
-                    str(first_use["inp"]), "--output", str(single), "--batch", "3"], cwd=ROOT, check=True,
-                   env={**os.environ, "DEEPEN_HOME": str(first_use["homes"][0])}, capture_output=True)
+    single_process(first_use["homes"][0], "configs/tiny-tp.toml", first_use["inp"], single, "--batch", "3")
     got, want = records(first_use["out"]), records(single)
     assert len(got) == len(want) == 7 and got == want
     print(f"\ntwo hosts from empty caches: {sum(got[i] == want[i] for i in want)} of {len(want)} equal to one "
@@ -69,9 +66,11 @@ def test_two_hosts_from_empty_caches_give_the_single_process_results(first_use):
 def test_each_host_prepared_its_members_and_received_the_anchors_rank_0_built(first_use):
     (_, log_a), (_, log_b) = first_use["done"]
     home_a, home_b = first_use["homes"]
-    for home in (home_a, home_b):   # each host's ranks read the main member and their own
+    for home, log in ((home_a, log_a), (home_b, log_b)):   # each host's ranks read the main member and their own
         assert sorted(p.name for p in (home / "tiny").iterdir() if not p.name.startswith(".")) == \
             ["tiny-bpe", "tiny-bpe2", "tiny-sp"]
+        for name in ("tiny-sp", "tiny-bpe", "tiny-bpe2"):   # by one process of the host
+            assert log.count(f"member {name!r}: preparing it in {home} (once per cache)") == 1, log[-3000:]
     assert log_a.count("building anchors") == 1 and "building anchors" not in log_b
     [entry_a] = [p for p in (home_a / "anchors").iterdir() if not p.name.startswith(".")]
     assert f"anchors: sent {entry_a.name} (" in log_a and "to node 1 (" in log_a
@@ -115,7 +114,7 @@ def test_a_member_missing_on_one_host_stops_both_hosts_at_once_in_one_line(first
                          env=[{"HOME": str(home)} for home in homes])
     (code_a, log_a), (code_b, log_b) = finish(procs, 120)
     assert code_a == 2 and code_b == 2, (log_a[-3000:], log_b[-3000:])
-    lines = [line for line in (log_a + log_b).splitlines() if line.startswith("deepen:")]
+    lines = [line for line in (log_a + log_b).splitlines() if line.startswith("deepen:") and "preparing it" not in line]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"deepen: node 1 (") and "member 'bpe'" in lines[0]
     assert f"{homes[1] / 'models' / 'tiny-bpe'} does not exist on" in lines[0]

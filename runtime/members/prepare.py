@@ -181,4 +181,8 @@ def member_dir(member: MemberConfig, home: Path | None = None, log=print, prepar
         raise MemberError(f"member {member.name!r} is not prepared in {home} on {socket.gethostname()}: run "
                           f"`deepen models prepare` there (or start the job again: it prepares before its ranks connect)")
     with CacheLock(home / "locks" / "prepare", timeout=lock_timeout, log=log):
-        return _ready(member, home) or _prepare(member, home, log)
+        found = _ready(member, home)
+        if found is not None:   # another process prepared it meanwhile
+            return found
+        log(f"member {member.name!r}: preparing it in {home} (once per cache)")
+        return _prepare(member, home, log)
