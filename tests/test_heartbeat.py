@@ -1,8 +1,6 @@
 """The heartbeat, the replicas' queue and relay, and the SIGTERM handler, on a real TCPStore (the
 job's rendezvous store) in this process: the parts of a dying or stuck job that a launcher run
 cannot reach on purpose."""
-import os
-import signal
 import socket
 import subprocess
 import sys

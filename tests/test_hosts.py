@@ -93,7 +93,7 @@ def test_a_rank_killed_on_the_second_host_stops_both_hosts_naming_it(first_use, 
     (code_a, log_a), (code_b, log_b) = finish(procs, 120)
     assert code_a != 0 and code_b != 0
     named = "rank 3 (member 'tiny-bpe2', leader)"
-    assert f"deepen: rank 0 (member 'tiny-sp', leader)" in log_a and named in log_a, log_a[-3000:]
+    assert "deepen: rank 0 (member 'tiny-sp', leader)" in log_a and named in log_a, log_a[-3000:]
     assert "deepen: rank 2 (member 'tiny-bpe', leader)" in log_b and named in log_b, log_b[-3000:]
     assert 3 <= len(read_jsonl(out)) < 30
 
@@ -116,7 +116,7 @@ def test_a_member_missing_on_one_host_stops_both_hosts_at_once_in_one_line(first
     assert code_a == 2 and code_b == 2, (log_a[-3000:], log_b[-3000:])
     lines = [line for line in (log_a + log_b).splitlines() if line.startswith("deepen:") and "preparing it" not in line]
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"deepen: node 1 (") and "member 'bpe'" in lines[0]
+    assert lines[0].startswith("deepen: node 1 (") and "member 'bpe'" in lines[0]
     assert f"{homes[1] / 'models' / 'tiny-bpe'} does not exist on" in lines[0]
     assert "Traceback" not in log_a + log_b
     assert not (tmp_path / "out.jsonl").exists()

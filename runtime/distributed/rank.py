@@ -38,6 +38,7 @@ from .share import log_line, share_entry
 from .startup import dying, agree, begin, die, host_label, stop_all
 from .world import global_rank, init_world, shard_member, threads_per_rank
 
+
 def fail_job(world, heartbeat, what: str):
     """Another rank failed: name it (from the heartbeats), tell the others, then exit. Rank 0
     hosts the store the others read, so it leaves last. A second caller (another thread) waits
