@@ -112,65 +112,92 @@ def records(path: Path) -> dict:
     return {r["id"]: r for r in read_jsonl(path)}
 
 
-def test_each_member_sharded_on_its_own_group_matches_unsharded(home, tmp_path):
-    proc = launch(home, 4, "tests/helpers/tp_parity.py", str(tmp_path))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
-    assert [r["member"] for r in reports] == ["tiny-sp", "tiny-sp", "tiny-bpe", "tiny-bpe"]
-    for r in reports:
-        assert r["max_abs_diff"] < 1e-5, r
-        assert r["sharded_params"] < r["full_params"]  # really sharded
-
-
-FUSION_PARTS = {"rules", "relative", "gather", "search", "broadcast", "control"}
-
-
-def run_shard_loading(home, ranks, model_dir, out, how):
-    proc = launch(home, ranks, "tests/helpers/shard_loading.py", str(model_dir), str(out), how)
-    text, _ = proc.communicate(timeout=300)
+def run_shard_loading(home, out: Path, *specs: str) -> dict:
+    """tests/helpers/shard_loading.py in one world: NAME=DIR:HOW:TP, a member per group of ranks."""
+    ranks = sum(int(spec.rsplit(":", 1)[1]) for spec in specs)
+    proc = launch(home, ranks, "tests/helpers/shard_loading.py", str(out), *specs)
+    text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text[-3000:]
-    return [json.loads((out / f"{how}{r}.json").read_text()) for r in range(ranks)]
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert sorted(r["rank"] for r in reports) == list(range(ranks))
+    return {name: [r for r in reports if r["member"] == name] for name in {r["member"] for r in reports}}
 
 
-@pytest.mark.parametrize("shape", ["gemma3-tiny", "gemma2-tiny"])
-def test_a_gemma_member_loaded_shard_by_shard_matches_the_unsharded_model(home, tmp_path, shape):
-    """Gemma-3 is where DeepSpeed's own meta loading leaves norms empty (silent NaN); Gemma-2 is in
-    the shipped 70B config. Sharded by AutoTP at tp 2 and read slice by slice, each rank's logits
-    equal the whole model's."""
-    import torch
+@pytest.fixture(scope="module")
+def groups_run(home, tmp_path_factory):
+    """One world of 6 ranks, three members at tp 2 on their own groups, each read shard by shard:
+    tiny-bpe (Llama with attention biases), and Gemma-3 and Gemma-2 shapes. Gemma-3 is where
+    DeepSpeed's own meta loading leaves norms empty (silent NaN); Gemma-2 is in the shipped 70B
+    config."""
     from helpers.random_model import build
+    out = tmp_path_factory.mktemp("groups")
+    for shape in ("gemma3-tiny", "gemma2-tiny"):
+        build(shape, str(out / "models" / shape))
+    reports = run_shard_loading(home, out, f"bpe={home / 'tiny' / 'tiny-bpe'}:sharded:2",
+                                f"gemma3={out / 'models' / 'gemma3-tiny'}:sharded:2",
+                                f"gemma2={out / 'models' / 'gemma2-tiny'}:sharded:2")
+    return out, reports
+
+
+def unsharded_logits(model_dir: Path):
+    import torch
     from runtime.members.config import MemberConfig
     from runtime.members.sources import load_model
-    model_dir = tmp_path / shape
-    build(shape, str(model_dir))
-    reports = run_shard_loading(home, 2, model_dir, tmp_path, "sharded")
-    want = load_model(model_dir, MemberConfig("g", str(model_dir)))(
-        torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))).logits
-    for r in reports:
-        got = torch.load(tmp_path / f"sharded{r['rank']}.pt")
+    model = load_model(model_dir, MemberConfig("m", str(model_dir)))
+    with torch.no_grad():
+        return model(torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))).logits, \
+            sum(p.numel() for p in model.parameters())
+
+
+def test_each_member_sharded_on_its_own_group_matches_unsharded(home, groups_run):
+    """Three members on disjoint 2-rank groups of one world: every rank's logits are its whole
+    model's, and every rank holds less than the whole model."""
+    import torch
+    out, reports = groups_run
+    dirs = {"bpe": home / "tiny" / "tiny-bpe", "gemma3": out / "models" / "gemma3-tiny",
+            "gemma2": out / "models" / "gemma2-tiny"}
+    assert [sorted(r["rank"] for r in reports[name]) for name in ("bpe", "gemma3", "gemma2")] == [[0, 1], [2, 3], [4, 5]]
+    for name, model_dir in dirs.items():
+        want, params = unsharded_logits(model_dir)
+        for r in reports[name]:
+            got = torch.load(out / f"{name}{r['rank']}.pt")
+            assert (got - want).abs().max() < 1e-4, (name, r)
+            assert r["params"] < params   # really sharded
+
+
+@pytest.mark.parametrize("shape", ["gemma3", "gemma2"])
+def test_a_gemma_member_loaded_shard_by_shard_matches_the_unsharded_model(groups_run, shape):
+    """Nothing left uninitialised: every rank's Gemma logits are finite and the whole model's."""
+    import torch
+    out, reports = groups_run
+    want, _ = unsharded_logits(out / "models" / f"{shape}-tiny")
+    for r in reports[shape]:
+        got = torch.load(out / f"{shape}{r['rank']}.pt")
         assert r["finite"] and (got - want).abs().max() < 1e-4
 
 
 def test_each_rank_materialises_only_its_shard(home, tmp_path):
-    """A ~350 MB model at tp 2: a rank reading its slices holds its shard (the embedding stays
-    whole on every rank); loading the whole model first (what every rank did before) holds the
-    whole model and more. The figures go to the test's output (pytest -s)."""
+    """A ~350 MB model, in one world of 5 ranks: at tp 2 read slice by slice, at tp 2 loaded whole
+    first (what every rank did before), at tp 1 read slice by slice. A rank reading its slices
+    holds its shard (the embedding stays whole on every rank); loading the whole model first
+    holds the whole model and more. The figures go to the test's output (pytest -s)."""
     from helpers.random_model import build
     model_dir = tmp_path / "llama"
     params = build("llama-300mb", str(model_dir))
     full_mb = params * 4 / 2**20
     grow = lambda rs: max(r["peak_rss_mb"] - r["rss_before_mb"] for r in rs)  # noqa: E731
-    runs = run_shard_loading(home, 2, model_dir, tmp_path, "sharded")
-    shard_mb = max(r["params"] for r in runs) * 4 / 2**20   # what a tp 2 rank holds
-    sharded2 = grow(runs)
-    whole2 = grow(run_shard_loading(home, 2, model_dir, tmp_path, "full"))
-    sharded1 = grow(run_shard_loading(home, 1, model_dir, tmp_path, "sharded"))
+    runs = run_shard_loading(home, tmp_path, f"sharded2={model_dir}:sharded:2", f"full2={model_dir}:full:2",
+                             f"sharded1={model_dir}:sharded:1")
+    shard_mb = max(r["params"] for r in runs["sharded2"]) * 4 / 2**20   # what a tp 2 rank holds
+    sharded2, whole2, sharded1 = grow(runs["sharded2"]), grow(runs["full2"]), grow(runs["sharded1"])
     print(f"\nmodel {full_mb:.0f} MB, a tp 2 shard {shard_mb:.0f} MB; peak growth per rank: tp 2 sharded "
           f"{sharded2:.0f} MB, tp 2 whole-then-sharded {whole2:.0f} MB, tp 1 sharded {sharded1:.0f} MB")
     assert shard_mb < 0.7 * full_mb          # the embedding stays whole on every rank
     assert sharded2 < shard_mb + 64 < whole2   # its shard plus a constant, not the whole model
     assert full_mb < whole2 and sharded1 < full_mb + 64
+
+
+FUSION_PARTS = {"rules", "relative", "gather", "search", "broadcast", "control"}
 
 
 @pytest.mark.parametrize("ranks,config,micro", [
