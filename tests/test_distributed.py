@@ -198,6 +198,7 @@ def test_each_rank_materialises_only_its_shard(home, tmp_path):
 
 
 FUSION_PARTS = {"rules", "relative", "gather", "search", "broadcast", "control"}
+SAMPLED = ["--temperature", "0.8", "--top-k", "40", "--samples", "2", "--seed", "3", "--logprobs", "2"]
 
 
 @pytest.mark.parametrize("ranks,config,micro", [
@@ -212,23 +213,36 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     the batch pipelined in that many micro-batches (engine/pipeline.py), same tokens. pair-fast
     in 2 micro-batches also has rank 1 sleep 4 s in each micro-batch's second step, past a
     --step-timeout of 3 s (DEEPEN_FAULT): those steps are the micro-batches' warm-up, under the
-    start-up timeout (before, only the job's first step was, and the job was stopped)."""
+    start-up timeout (before, only the job's first step was, and the job was stopped). pair-fast
+    in one micro-batch samples (--temperature, --samples 2, --logprobs): the draws happen on the
+    main leader from the same seeds, so the samples and their log-probabilities are one
+    process's."""
+    sampled = config == "pair-fast" and micro == 1
+    options = SAMPLED if sampled else []
     config = config if config.startswith("configs/") else str(home / f"{config}.toml")
     inp = tmp_path / "in.jsonl"
     prompts(inp, 7)
     single, single_stats = tmp_path / "single.jsonl", tmp_path / "single-stats.json"
-    single_process(home, config, inp, single, "--batch", "3", stats=single_stats)
+    single_process(home, config, inp, single, "--batch", "3", *options, stats=single_stats)
     multi = tmp_path / "multi.jsonl"
     stats = tmp_path / "stats.json"
     warmup = config.endswith("pair-fast.toml") and micro == 2
     proc = launch(home, ranks, "launcher/run.py", "--config", config, "--input", str(inp),
                   "--output", str(multi), "--batch", str(3 * micro), "--stats", str(stats),
                   "--micro-batches", str(micro),   # micro-batches of 3 rows, as the single process's batch
-                  *(["--step-timeout", "3"] if warmup else []),
+                  *(["--step-timeout", "3"] if warmup else []), *options,
                   extra_env={"DEEPEN_FAULT": "stall:1:1:4"} if warmup else None)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    assert records(multi) == records(single)
+    if sampled:
+        got, want = records(multi), records(single)
+        assert set(got) == {f"{i}#{k}" for i in range(7) for k in range(2)} == set(want)
+        for i in want:
+            assert got[i]["completion"] == want[i]["completion"]
+            assert [s["logprob"] for s in got[i]["logprobs"]] == \
+                pytest.approx([s["logprob"] for s in want[i]["logprobs"]], abs=1e-5)
+    else:
+        assert records(multi) == records(single)
     got, want = json.loads(stats.read_text()), json.loads(single_stats.read_text())
     assert got["world_size"] == ranks
     for key in ("steps", "rows", "fused_rows", "tokens", "decided_rows", "agreeing_rows")[micro > 1:]:
@@ -246,30 +260,10 @@ def test_launcher_gives_the_single_process_results_and_statistics(home, tmp_path
     here = [json.loads(Path(f"{stats}.rank{r}" if r else stats).read_text())["rows_fused_here"] for r in range(ranks)]
     leaders = [0, 2, 3] if "tp" in config else list(range(ranks))
     assert sum(here) == got["fused_rows"] == want["rows_fused_here"]
-    if "exact" in config or "plain" in config or "configs/" in config:
-        assert here[0] == got["fused_rows"]
+    if "exact" in config or "plain" in config or "configs/" in config or sampled:   # a sampler wants every row's
+        assert here[0] == got["fused_rows"]                                          # logits on the main leader
     else:
         assert all(here[r] > 0 for r in leaders) and sum(here[r] for r in leaders) == got["fused_rows"]
-
-
-def test_sampled_generation_under_the_launcher_is_the_single_process_one(home, tmp_path):
-    """--temperature, --n and --logprobs across two ranks: the draws happen on the main leader
-    from the same seeds, so the samples and their log-probabilities are those of one process."""
-    config = str(home / "pair-fast.toml")
-    inp = tmp_path / "in.jsonl"
-    prompts(inp, 5)
-    options = ["--batch", "3", "--temperature", "0.8", "--top-k", "40", "--samples", "2", "--seed", "3", "--logprobs", "2"]
-    single = tmp_path / "single.jsonl"
-    single_process(home, config, inp, single, *options)
-    multi = tmp_path / "multi.jsonl"
-    proc = launch(home, 2, "launcher/run.py", "--config", config, "--input", str(inp), "--output", str(multi), *options)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    got, want = records(multi), records(single)
-    assert set(got) == {f"{i}#{k}" for i in range(5) for k in range(2)} == set(want)
-    for i in want:
-        assert got[i]["completion"] == want[i]["completion"]
-        assert [s["logprob"] for s in got[i]["logprobs"]] == pytest.approx([s["logprob"] for s in want[i]["logprobs"]], abs=1e-5)
 
 
 def test_wrong_world_size_is_a_clear_error(home, tmp_path):
