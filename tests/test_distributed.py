@@ -276,40 +276,6 @@ def test_wrong_world_size_is_a_clear_error(home, tmp_path):
     assert "the world has 2 ranks but the config needs 3" in out
 
 
-def test_killed_rank_stops_every_rank_and_resume_completes(home, tmp_path):
-    inp = tmp_path / "in.jsonl"
-    prompts(inp, 30, tokens=14)
-    want = tmp_path / "want.jsonl"
-    single_process(home, "configs/tiny.toml", inp, want, "--batch", "2")
-    out_path = tmp_path / "out.jsonl"
-    args = ["launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp), "--output",
-            str(out_path), "--batch", "2"]
-    proc = launch(home, 3, *args)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not out_path.exists() or out_path.read_text().count('\n') < 4):
-        time.sleep(0.05)
-    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if any(a == "--local_rank=1" for a in p.cmdline())]
-    assert victims, "rank 1 not found"
-    killed_at = time.time()
-    victims[0].send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
-    assert time.time() - killed_at < 60
-    assert proc.returncode != 0
-    assert "deepen: rank 0 (member 'tiny-sp', leader)" in out, out[-3000:]
-    assert "rank 1 (member 'tiny-bpe', leader)" in out  # the survivors name the dead rank
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                   for p in psutil.Process().children(recursive=True) if "launcher/run.py" in " ".join(p.cmdline()))
-    done = out_path.read_text().count('\n')
-    assert 4 <= done < 30
-    proc = launch(home, 3, *args, "--resume")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    lines = read_jsonl(out_path)
-    assert len(lines) == 30 and len({r["id"] for r in lines}) == 30
-    assert records(out_path) == records(want)
-
-
 def test_two_replicas_give_the_single_process_results_and_a_killed_replica_resumes(home, tmp_path):
     """4 ranks x the 2-member pair = 2 replicas sharing one queue and one output file: the greedy
     results of one process, with both replicas decoding. Replica 1's root sleeps 1 s in each step
@@ -358,27 +324,70 @@ def test_two_replicas_give_the_single_process_results_and_a_killed_replica_resum
     assert records(out_path) == records(want)
 
 
-def test_a_rank_stuck_inside_a_step_stops_every_rank_within_the_step_timeout(home, tmp_path):
-    """Rank 1 sleeps inside its 4th step (alive: its heartbeat beats on; DEEPEN_FAULT is the test
-    hook for this, runtime/distributed/job.py). Every rank stops within the step timeout and
-    names it; what finished before is in the output, and --resume completes the job."""
-    inp = tmp_path / "in.jsonl"
-    prompts(inp, 6, tokens=10)
-    out_path = tmp_path / "out.jsonl"
-    args = ["launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp), "--output", str(out_path),
+@pytest.fixture(scope="module")
+def failures(home, tmp_path_factory):
+    """One job on the 3 tiny members (3 ranks), stopped twice, then finished: (1) rank 1 sleeps
+    inside its 4th step (alive: its heartbeat beats on; DEEPEN_FAULT is the test hook for this,
+    runtime/distributed/rank.py) past a --step-timeout of 6 s; (2) --resume, and rank 1 is killed
+    once 4 results are written; (3) --resume to the end."""
+    tmp = tmp_path_factory.mktemp("failures")
+    inp, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    prompts(inp, 16, tokens=12)
+    args = ["launcher/run.py", "--config", "configs/tiny.toml", "--input", str(inp), "--output", str(out),
             "--batch", "2", "--step-timeout", "6"]
-    proc = launch(home, 3, *args, extra_env={"DEEPEN_FAULT": "stall:1:3:600"})
+    runs = {}
     t0 = time.time()
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode != 0
-    assert time.time() - t0 < 120, "the stuck rank was not caught by the step timeout"
+    proc = launch(home, 3, *args, extra_env={"DEEPEN_FAULT": "stall:1:3:600"})
+    runs["stuck"] = (proc.communicate(timeout=240)[0], proc.returncode, time.time() - t0)
+    before = len(read_jsonl(out)) if out.exists() else 0
+    proc = launch(home, 3, *args, "--resume")
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < before + 4):
+        time.sleep(0.05)
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if any(a == "--local_rank=1" for a in p.cmdline())]
+    assert victims, "rank 1 not found"
+    killed_at = time.time()
+    victims[0].send_signal(signal.SIGKILL)
+    text = proc.communicate(timeout=120)[0]
+    left = [p for p in psutil.Process().children(recursive=True) if "launcher/run.py" in " ".join(p.cmdline())
+            and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    runs["killed"] = (text, proc.returncode, time.time() - killed_at, left, len(read_jsonl(out)))
+    proc = launch(home, 3, *args, "--resume")
+    runs["resumed"] = (proc.communicate(timeout=300)[0], proc.returncode)
+    return inp, out, runs
+
+
+def test_a_rank_stuck_inside_a_step_stops_every_rank_within_the_step_timeout(failures):
+    """Every rank stops within the step timeout and names rank 1: alive, stuck."""
+    out, code, seconds = failures[2]["stuck"]
+    assert code != 0
+    assert seconds < 120, "the stuck rank was not caught by the step timeout"
     assert "rank 1 (member 'tiny-bpe', leader) has not finished step" in out, out[-3000:]
     assert "alive but stuck" in out
     assert "deepen: rank 0 (member 'tiny-sp', leader)" in out and "deepen: rank 2 (member 'tiny-bpe2', leader)" in out
-    proc = launch(home, 3, *args, "--resume")
-    text, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, text[-3000:]
-    assert sorted(records(out_path)) == list(range(6))
+
+
+def test_killed_rank_stops_every_rank_naming_it(failures):
+    out, code, seconds, left, done = failures[2]["killed"]
+    assert code != 0 and seconds < 60
+    assert "deepen: rank 0 (member 'tiny-sp', leader)" in out, out[-3000:]
+    assert "rank 1 (member 'tiny-bpe', leader)" in out  # the survivors name the dead rank
+    assert not left, "ranks left running"
+    assert 4 <= done < 16
+
+
+def test_resume_after_a_stuck_and_a_killed_rank_completes_the_job(home, failures):
+    """What finished before each stop stays, whole; --resume writes each missing id exactly once,
+    and the results are one process's."""
+    inp, out, runs = failures
+    text, code = runs["resumed"]
+    assert code == 0, text[-3000:]
+    lines = read_jsonl(out)
+    assert len(lines) == 16 and len({r["id"] for r in lines}) == 16
+    want = out.with_name("want.jsonl")
+    single_process(home, "configs/tiny.toml", inp, want, "--batch", "2")
+    assert records(out) == records(want)
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
