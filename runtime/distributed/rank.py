@@ -144,7 +144,7 @@ class Rank:
         if w.rank == 0:
             try:
                 t0, built = time.perf_counter(), []
-                entry = anchors_entry(cfg, self.members, build=True, progress=False,
+                entry = anchors_entry(cfg, self.members, build=True, progress=False, device=w.device,
                                       log=lambda m: (built.append(m), log_line(f"{host_label()}: {m}")))
                 if built:
                     log_line(f"{host_label()}: anchors: built {entry.name} in {time.perf_counter() - t0:.1f} s")
