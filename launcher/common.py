@@ -24,6 +24,10 @@ class Command(click.Command):
     """Expected errors (bad config, missing member, bad input) end in one line, exit status 2."""
 
     def invoke(self, ctx):
+        from runtime.versions import check_versions
+        problem = check_versions(("transformers",), warn=echo_err)
+        if problem:
+            fail(problem)
         try:
             return super().invoke(ctx)
         except EXPECTED as e:

@@ -20,6 +20,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by the launchers
 
 from launcher.common import sampling_from, sampling_options  # noqa: E402
+from runtime.distributed.startup import begin  # noqa: E402  (imports neither transformers nor DeepSpeed)
 from runtime.engine.stops import parse_stop  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -55,15 +56,16 @@ def main(config_path, input_path, output_path, resume, overwrite, skip_bad, batc
          stop, startup_timeout, step_timeout, threads, stats, micro_batches, local_rank, temperature, top_p, top_k,
          seed, n, logprobs):
     """Run `deepen generate` across ranks: each member in its own tensor-parallel group."""
-    from runtime.distributed.job import generate
     try:
         sampling = sampling_from(temperature, top_p, top_k, n, logprobs)
     except ValueError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    started = begin(config_path, startup_timeout)
+    from runtime.distributed.job import generate  # after begin: it imports transformers and DeepSpeed
     generate(config_path, input_path, output_path, resume, overwrite, skip_bad, batch, max_new_tokens,
              tuple(parse_stop(s) for s in stop), startup_timeout, step_timeout, threads, stats,
-             sampling=sampling, seed=seed, micro_batches=micro_batches)
+             sampling=sampling, seed=seed, micro_batches=micro_batches, started=started)
 
 
 @click.command(context_settings=CONTEXT)
@@ -88,7 +90,6 @@ def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, sta
 
         deepspeed --num_accelerators 2 launcher/run.py bench --config configs/smol-gemma.toml
     """
-    from runtime.distributed.job import bench
     try:
         if min(int(m) for m in micro_batches.split(",")) < 1:
             raise ValueError
@@ -96,8 +97,10 @@ def bench_main(config_path, batch, new_tokens, prompts_path, repeat, output, sta
         click.echo(f"error: --micro-batches: want positive integers separated by commas, got {micro_batches!r}",
                    err=True)
         sys.exit(2)
+    started = begin(config_path, startup_timeout)
+    from runtime.distributed.job import bench  # after begin: it imports transformers and DeepSpeed
     bench(config_path, batch, new_tokens, prompts_path, repeat, output, startup_timeout, step_timeout, threads,
-          micro_batches)
+          micro_batches, started=started)
 
 
 def _entry():

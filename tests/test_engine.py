@@ -21,11 +21,23 @@ PROMPTS = ["The cat sees", "a dog likes the", "def f(x):\n    return", "café na
            "the model builds the answer in the morning", "1, 2, 3,"]
 
 
+_REFERENCE: dict = {}
+
+
+def reference(tiny, mode: str, stop: tuple):
+    """The reference loop's decoding of PROMPTS (12 tokens), once per mode for the whole module:
+    it is the slow loop (no cache, assists re-tokenised), and several tests compare with it."""
+    cfg, members, entry, _ = tiny
+    if (mode, stop) not in _REFERENCE:
+        _REFERENCE[mode, stop] = reference_decode(members, make_fuser(cfg, members, entry, mode), PROMPTS, 12, stop)
+    return _REFERENCE[mode, stop]
+
+
 @pytest.mark.parametrize("mode,batch", [("exact", 3), ("exact", 8), ("fast", 4)])
 def test_engine_matches_reference_loop(tiny, mode, batch):
     cfg, members, entry, _ = tiny
     stop = ("\n\n",)
-    want = reference_decode(members, make_fuser(cfg, members, entry, mode), PROMPTS, 12, stop)
+    want = reference(tiny, mode, stop)
     engine = Engine(members, make_fuser(cfg, members, entry, mode), max_batch=batch)
     got = engine.run([Request(i, p, 12, stop) for i, p in enumerate(PROMPTS)])
     assert len(got) == len(PROMPTS)
@@ -67,7 +79,7 @@ def test_pipelined_micro_batches_decode_what_the_reference_loop_does(tiny, mode,
     every row is counted once and each step advances every running micro-batch."""
     cfg, members, entry, _ = tiny
     stop = ("\n\n",)
-    want = reference_decode(members, make_fuser(cfg, members, entry, mode), PROMPTS, 12, stop)
+    want = reference(tiny, mode, stop)
     pipeline = make_engine(members, make_fuser(cfg, members, entry, mode), 2 * parts,
                            {i: Lane(m) for i, m in enumerate(members)}, LOCAL, parts)
     assert isinstance(pipeline, Pipeline) and [e.max_batch for e in pipeline.parts] == [2] * parts

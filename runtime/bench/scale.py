@@ -8,12 +8,16 @@ which alone is ~10^14 multiply-adds): the values are plausible, the cost is the 
 are random and flat (every row's support is capped at max_support): the worst case for fast mode.
 
     python -m runtime.bench.scale --devices cuda,cpu --batch 1,8,32 --output scale.json
+
+With --output, scale.json and scale.md are written after every row (device, batch size), so a run
+cut short by a timeout keeps the figures it has.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -59,7 +63,9 @@ def time_steps(fuser: Fuser, vocabs: list[int], batch: int, device, repeat: int,
 
 
 def run(devices, batches, main_vocab=128_000, assist_vocab=152_000, d=8192, anchors=100_000, repeat=3,
-        budget_s=60.0, log=print, cpu_repeat=1) -> dict:
+        budget_s=60.0, log=print, cpu_repeat=1, on_row=None) -> dict:
+    """`on_row(result)`, if given, is called after every measured row with the result so far: a
+    run stopped by a timeout keeps what it measured."""
     out = {"main_vocab": main_vocab, "assist_vocab": assist_vocab, "d": d, "anchors": anchors,
            "settings": "fast mode, mass_epsilon 1e-4, max_support 256, eta 0.15, 5 steps", "results": []}
     for device in devices:
@@ -78,6 +84,8 @@ def run(devices, batches, main_vocab=128_000, assist_vocab=152_000, d=8192, anch
                 row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             out["results"].append(row)
             log(f"{device} batch {batch}: {row['step_ms']:.1f} ms per fused step")
+            if on_row is not None:
+                on_row(out)
             if time.perf_counter() - t0 > budget_s:
                 log(f"{device}: over {budget_s:.0f} s for batch {batch}: larger batches skipped")
                 break
@@ -110,14 +118,19 @@ def main():
     args = parser.parse_args()
     k = args.scale
     result = run(args.devices.split(","), [int(b) for b in args.batch.split(",")], int(128_000 * k), int(152_000 * k),
-                 max(64, int(8192 * k)), int(100_000 * k), args.repeat, args.budget, cpu_repeat=args.cpu_repeat)
-    text = table(result)
-    print(text)
+                 max(64, int(8192 * k)), int(100_000 * k), args.repeat, args.budget, cpu_repeat=args.cpu_repeat,
+                 on_row=(lambda r: write(r, args.output)) if args.output else None)
+    print(table(result))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
-        with open(args.output.rsplit(".", 1)[0] + ".md", "w") as f:
-            f.write(text + "\n")
+        write(result, args.output)
+
+
+def write(result: dict, output: str):
+    """The JSON and its markdown table, rewritten whole (a new file, then renamed) after each row."""
+    for path, text in ((output, json.dumps(result, indent=1)), (output.rsplit(".", 1)[0] + ".md", table(result) + "\n")):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

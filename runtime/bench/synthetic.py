@@ -63,15 +63,19 @@ def synthetic_tokenizer(size: int, shared: int, seed: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def build_member(name: str, out: Path, dtype: str, shared: int, seed: int) -> Path:
+def build_member(name: str, out: Path, dtype: str, shared: int, seed: int, scale: float = 1.0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..members.sources import quiet_bars_off_terminal
     quiet_bars_off_terminal()
     model_type, sizes = SHAPES[name]
+    if scale != 1.0:   # a smoke test: smaller vocabularies, fewer layers
+        sizes = dict(sizes, vocab_size=max(1024, int(sizes["vocab_size"] * scale)),
+                     num_hidden_layers=max(2, int(sizes["num_hidden_layers"] * scale)))
     path = out / name
-    if (path / ".complete").is_file():
+    done = {"shape": name, "dtype": dtype, "seed": seed, "scale": scale}
+    if (path / ".complete").is_file() and json.loads((path / ".complete").read_text()) == done:
         return path
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **sizes, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -79,14 +83,16 @@ def build_member(name: str, out: Path, dtype: str, shared: int, seed: int) -> Pa
     model.generation_config.eos_token_id = 0
     model.save_pretrained(path, safe_serialization=True)
     synthetic_tokenizer(sizes["vocab_size"], shared, seed).save_pretrained(path)
-    (path / ".complete").write_text(json.dumps({"shape": name, "dtype": dtype, "seed": seed}))
+    (path / ".complete").write_text(json.dumps(done))
     return path
 
 
-def build(out: Path, dtype: str = "bfloat16", shared: int = 45000, eta: float = 0.15) -> Path:
-    """Both members and an ensemble config (Gemma-3-shaped main, as configs/smol-gemma.toml)."""
+def build(out: Path, dtype: str = "bfloat16", shared: int = 45000, eta: float = 0.15, scale: float = 1.0) -> Path:
+    """Both members and an ensemble config (Gemma-3-shaped main, as configs/smol-gemma.toml);
+    `scale` < 1 shrinks vocabularies, shared merges and layers (a smoke test)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: build_member(name, out, dtype, shared, seed) for seed, name in enumerate(SHAPES, start=1)}
+    shared = int(shared * scale) if scale != 1.0 else shared
+    paths = {name: build_member(name, out, dtype, shared, seed, scale) for seed, name in enumerate(SHAPES, start=1)}
     members = "".join(f'\n[[members]]\nname = "{n}"\nsource = "{p}"\ndtype = "{dtype}"\n' for n, p in paths.items())
     config = out / "shapes.toml"
     config.write_text(f'# random-weight members of the real pair\'s shapes (runtime/bench/synthetic.py)\n'
@@ -99,8 +105,10 @@ def main():
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--shared", type=int, default=45000, help="merges the two vocabularies share")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="shrink the vocabularies, the shared merges and the layers (a smoke test: 0.02)")
     args = parser.parse_args()
-    print(build(args.out, args.dtype, args.shared))
+    print(build(args.out, args.dtype, args.shared, scale=args.scale))
 
 
 if __name__ == "__main__":

