@@ -181,6 +181,13 @@ def same_decoding(a, b) -> bool:
             and all(abs(x - y) < 1e-9 for x, y in zip(a.weights, b.weights)))
 
 
+def never_fuses(fuser) -> bool:
+    """A fuser that takes the main member's own token on every row (DEEPEN at eta 0, any method
+    behind a closed gate, a member alone): it decodes as its main member alone."""
+    gate = getattr(fuser, "gate", None)
+    return (isinstance(fuser, Fuser) and fuser.search.eta == 0) or (gate is not None and gate.threshold == 0)
+
+
 def method_fusers(methods: list[str], members, make_fuser, eta: float, adapt: dict | None,
                   mined_maps=None, chosen: dict | None = None) -> dict:
     """method -> (the members it runs, its fuser). `make_fuser(kind)` gives the config's fuser of

@@ -1,0 +1,220 @@
+"""UniTE and GaC (deepen/unite.py, deepen/gac.py) against their decision rules re-stated from the
+authors' code (helpers/methods_reference.py), the union maps, the gate, and the engine around them
+(batching, sampling, log-probabilities), on the tiny members (three tokenizer families)."""
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import methods_reference as ref
+from runtime.deepen.gac import GaCFuser
+from runtime.deepen.gate import Gate
+from runtime.deepen.union import load_union
+from runtime.deepen.unite import UniTEFuser
+from runtime.engine.engine import Engine
+from runtime.engine.sampling import SamplingParams
+from runtime.engine.sequence import Request
+from runtime.members.ensemble import anchors_entry, make_fuser, union_entry
+
+PROMPTS = ["the cat sat on", "a dog", "café 日本 and", "my friend said", "code: def f(x):", "the model",
+           "this system is", "hello hello"]
+
+
+@pytest.fixture(scope="module")
+def union(tiny):
+    cfg = dataclasses.replace(tiny.cfg, method="gac")
+    return cfg, union_entry(cfg, tiny.members, tiny.home, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def vocabs(tiny):
+    return [ref.Vocabulary(m.tokenizer) for m in tiny.members]
+
+
+def random_steps(tiny, n_batches: int, rows: int = 8, seed: int = 0):
+    """Member logits for n_batches x rows random rows: flat and peaked, some rows where the
+    members' favourites are the same string (their top token made the same bytes)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [m.model.get_output_embeddings().weight.shape[0] for m in tiny.members]
+    for b in range(n_batches):
+        scale = [0.5, 2.0, 6.0, 12.0][b % 4]
+        yield [torch.randn(rows, v, generator=g) * scale for v in sizes]
+
+
+def mismatches(got: list[int], want: list[tuple[int, float]]) -> list:
+    return [(i, g, w) for i, (g, (w, lead)) in enumerate(zip(got, want)) if g != w]
+
+
+def test_the_union_maps_are_the_references_strings_and_ids(tiny, union, vocabs):
+    """Every union entry: its bytes are some member's token, each member's id for it is the one the
+    re-statement gives it (its own token, else the first token of its encoding), and the cache is
+    reused."""
+    cfg, entry = union
+    maps = load_union(entry)
+    u = ref.Union(vocabs)
+    assert maps.size == len(u.strings) and maps.eos == len(u.strings) - 1
+    for i, v in enumerate(vocabs):
+        want = torch.tensor([-1 if v.id_for(b) is None else v.id_for(b) for b in u.strings])
+        assert torch.equal(maps.from_union[i], want), i
+        assert torch.equal(maps.to_union[i], torch.tensor(u.entry[i])), i
+        assert int(maps.exact[i].sum()) == sum(1 for b in u.strings if b in v.ids)
+    assert union_entry(cfg, tiny.members, tiny.home, build=False) == entry
+
+
+def test_unite_matches_its_restated_reference_on_512_random_rows(tiny, union, vocabs):
+    cfg, entry = union
+    fuser = UniTEFuser(load_union(entry), [1 / 3] * 3, k=10)
+    got, want = [], []
+    for logits in random_steps(tiny, 64):
+        got += fuser.step(logits).tokens.tolist()
+        want += [ref.unite(vocabs, [z[r] for z in logits], fuser.weights, 10) for r in range(len(logits[0]))]
+    assert len(got) == 512 and mismatches(got, want) == []
+
+
+def test_gac_matches_its_restated_reference_on_512_random_rows(tiny, union, vocabs):
+    """Exact mode: every row. Fast mode: every row it does not count as undecided."""
+    cfg, entry = union
+    maps = load_union(entry)
+    u = ref.Union(vocabs)
+    exact = GaCFuser(maps, [0.5, 0.3, 0.2], mode="exact")
+    fast = GaCFuser(maps, [0.5, 0.3, 0.2], mode="fast", max_support=32, mass_epsilon=1e-3)
+    got, quick, undecided, want = [], [], [], []
+    for logits in random_steps(tiny, 64, seed=1):
+        got += exact.step(logits).tokens.tolist()
+        result = fast.step(logits)
+        quick += result.tokens.tolist()
+        undecided += result.stats["undecided"].tolist()
+        want += [ref.gac(u, [z[r] for z in logits], exact.weights) for r in range(len(logits[0]))]
+    assert len(got) == 512 and mismatches(got, want) == []
+    differ = [i for i, (a, b) in enumerate(zip(quick, got)) if a != b]
+    assert all(undecided[i] for i in differ), differ
+    assert 0 < sum(undecided) < 512 and int(fast.undecided_rows) == sum(undecided)
+
+
+def test_the_gate_fuses_only_where_the_gate_member_is_unsure(tiny, union):
+    cfg, entry = union
+    maps = load_union(entry)
+    logits = list(random_steps(tiny, 3, seed=2))[2]   # peaked rows: some sure, some not
+    top = [torch.softmax(z, -1).amax(-1) for z in logits]
+    for member in (0, 1):
+        for fuser in (UniTEFuser(maps, [1 / 3] * 3, gate=Gate(0.5, member)),
+                      GaCFuser(maps, [1 / 3] * 3, gate=Gate(0.5, member))):
+            result = fuser.step(logits)
+            assert torch.equal(result.fused, top[member] <= 0.5)
+            assert torch.equal(result.tokens[~result.fused], logits[0].argmax(-1)[~result.fused])
+    closed = GaCFuser(maps, [1 / 3] * 3, gate=Gate(0.0)).step(logits)
+    assert not closed.fused.any() and torch.equal(closed.tokens, logits[0].argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["unite", "gac"])
+def test_batching_never_changes_a_row(tiny, method):
+    """The engine at batch 8 (rows joining and leaving) gives each prompt the tokens it gets alone."""
+    cfg = dataclasses.replace(tiny.cfg, method=method, mode="fast")
+    fuser = make_fuser(cfg, tiny.members, anchors_entry(cfg, tiny.members, tiny.home))
+    requests = [Request(i, p, 6 + i) for i, p in enumerate(PROMPTS)]
+    together = {r.request.id: r.ids for r in Engine(tiny.members, fuser, 8).run(requests)}
+    alone = {r.request.id: r.ids for q in requests for r in Engine(tiny.members, fuser, 1).run([q])}
+    assert together == alone
+    assert int(fuser.rows_fused_here) > 0
+
+
+def test_sampling_draws_from_the_fused_distribution(tiny, union, vocabs):
+    """A sampled row's token and its log-probability come from the method's fused distribution
+    carried over to the main member's ids (re-stated here); the top alternatives are its largest."""
+    from runtime.engine.sampling import Sampler
+    cfg, entry = union
+    maps, u = load_union(entry), ref.Union(vocabs)
+    logits = list(random_steps(tiny, 2, seed=4))[1]
+    rows = len(logits[0])
+    sampler = lambda: Sampler([SamplingParams(temperature=1.0, seed=r, logprobs=3) for r in range(rows)],  # noqa: E731
+                              list(range(rows)), [0] * rows)
+    for fuser in (UniTEFuser(maps, [1 / 3] * 3), GaCFuser(maps, [1 / 3] * 3, mode="exact")):
+        result = fuser.step(logits, sampler=sampler())
+        for r in range(rows):
+            carried = {}
+            z = [x[r] for x in logits]
+            if isinstance(fuser, UniTEFuser):
+                ref.unite(vocabs, z, fuser.weights, 10, carried=carried)
+            else:
+                ref.gac(u, z, fuser.weights, carried=carried)
+            token, record = int(result.tokens[r]), result.logprobs[r]
+            total = sum(carried.values())   # what special tokens (no string) held is left out
+            assert carried.get(token, 0.0) > 0
+            assert record["logprob"] == pytest.approx(torch.tensor(carried[token] / total).log().item(), abs=1e-5)
+            best = sorted(carried.values(), reverse=True)[:3]
+            assert [v for _, v in record["top"]] == pytest.approx([torch.tensor(b / total).log().item() for b in best],
+                                                                   abs=1e-5)
+        assert torch.equal(fuser.step(logits, sampler=sampler()).tokens, result.tokens)   # seeded
+
+
+def test_include_reads_the_fused_probability_of_chosen_ids(tiny, union, vocabs):
+    """Choice mode's letters: UniTE adds them to the union; GaC reads whole distributions. The
+    include logits are the log fused probabilities of those ids (re-stated here for GaC)."""
+    cfg, entry = union
+    maps = load_union(entry)
+    logits = list(random_steps(tiny, 1, seed=3))[0]
+    include = torch.tensor([10, 20, 30])
+    u = ref.Union(vocabs)
+    got = GaCFuser(maps, [1 / 3] * 3).step(logits, include=include).include_logits
+    for r in range(len(logits[0])):
+        merged = {}
+        for i, (z, v) in enumerate(zip(logits, vocabs)):
+            p = torch.softmax(z[r].double(), -1)
+            for t, b in enumerate(v.strings):
+                if b is not None:
+                    merged[b] = merged.get(b, 0.0) + p[t].item() / 3
+        carried = {}
+        for b, pb in merged.items():
+            t = vocabs[0].id_for(b)
+            carried[t] = carried.get(t, 0.0) + pb
+        assert got[r].exp().tolist() == pytest.approx([carried.get(t, 0.0) for t in include.tolist()], rel=1e-4)
+    picked = UniTEFuser(maps, [1 / 3] * 3).step(logits, include=include).include_logits
+    assert torch.isfinite(picked).all()
+
+
+@pytest.mark.real
+def test_the_real_pairs_steps_match_the_restated_references():
+    """Gemma-3 (main) + SmolLM2 decoding 32 TriviaQA questions (0-shot), up to 32 tokens, through the
+    engine, every fused row checked as it is decided (at least 500 per method): UniTE against its
+    re-statement; GaC fast (the engine's fuser) and exact against GaC's, fast wherever it does not
+    count the row undecided."""
+    from runtime.bench.measure import zero_shot_prompts
+    from runtime.members.config import load_config
+    from runtime.members.ensemble import load_members
+    from runtime.members.sources import deepen_home
+    cfg = load_config("configs/smol-gemma.toml")
+    members = load_members(cfg, log=lambda *a: None)
+    vocabs = [ref.Vocabulary(m.tokenizer) for m in members]
+    u = ref.Union(vocabs)
+    requests = [Request(i, p, 32) for i, p in enumerate(zero_shot_prompts(32))]
+    counts = {}
+    for method in ("unite", "gac"):
+        c = dataclasses.replace(cfg, method=method)
+        fuser = make_fuser(c, members, anchors_entry(c, members, deepen_home(), log=lambda *a: None))
+        exact = make_fuser(dataclasses.replace(c, mode="exact"), members, union_entry(c, members, build=False))
+        seen = []
+        finish = fuser.finish
+
+        def checked(p, finish=finish, seen=seen, fuser=fuser, exact=exact):
+            result = finish(p)
+            rows = p.fuse.nonzero(as_tuple=True)[0].tolist()
+            z = [p.logits[i] for i in sorted(p.logits)]
+            whole = exact.step(z).tokens if fuser.method == "gac" else None
+            for r in rows:
+                row = [x[r] for x in z]
+                if fuser.method == "unite":
+                    seen.append((int(result.tokens[r]), ref.unite(vocabs, row, fuser.weights, fuser.k)[0], None, False))
+                else:
+                    seen.append((int(result.tokens[r]), ref.gac(u, row, fuser.weights)[0], int(whole[r]),
+                                 bool(result.stats["undecided"][rows.index(r)])))
+            return result
+        fuser.finish = checked
+        Engine(members, fuser, 16).run(requests)
+        assert len(seen) >= 500
+        if method == "unite":
+            assert [g for g, w, _, _ in seen] == [w for g, w, _, _ in seen]
+        else:
+            assert [x for _, _, x, _ in seen] == [w for _, w, _, _ in seen]          # exact mode: every row
+            assert all(g == w or undecided for g, w, _, undecided in seen)          # fast: every decided row
+        counts[method] = (len(seen), int(fuser.partial_rows), sum(s[3] for s in seen))
+    print("rows checked, rows whose string Gemma-3 has no token for, GaC fast's undecided rows:", counts)
