@@ -23,6 +23,7 @@ from .protocol import LOCAL, Pending, StepResult, begin_union, compute_union, fi
 
 class TokenSpaceFuser:
     method = ""
+    transfers = ()   # no relative transfers (the launcher checks a DEEPEN fuser's)
 
     def __init__(self, maps, weights: list[float], gate: Gate = Gate(), mode: str = "fast",
                  eos_token_id: int | None = None):
