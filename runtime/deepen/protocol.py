@@ -191,8 +191,8 @@ def begin_union(fuser, member_logits, skip=None, include=None, exchange=LOCAL, m
         return p
     with fuser.timed("gather"):
         p.fuse = exchange.share_rows(p.fuse, batch)
-        if p.fuse.any():
-            p.shared = fuser.share(p)
+    if p.fuse.any():
+        p.shared = fuser.share(p)   # times its own parts
     return p
 
 

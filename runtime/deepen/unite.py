@@ -65,9 +65,12 @@ class UniTEFuser(TokenSpaceFuser):
 
     def share(self, p: Pending) -> torch.Tensor:
         rows = p.fuse.nonzero(as_tuple=True)[0]
-        own = {i: self.top(i, l[rows]) for i, l in p.logits.items()}
-        p.local["own"] = own
-        tops = p.exchange.share_all({i: self.maps.entries(i, ids) for i, ids in own.items()})
+        with self.timed("relative"):
+            own = {i: self.top(i, l[rows]) for i, l in p.logits.items()}
+            p.local["own"] = own
+            mine = {i: self.maps.entries(i, ids) for i, ids in own.items()}
+        with self.timed("gather"):
+            tops = p.exchange.share_all(mine)
         extra = None
         if p.include is not None:
             extra = self.maps.entries(0, p.include.to(rows.device))[None].expand(len(rows), -1)
