@@ -218,3 +218,63 @@ def test_the_real_pairs_steps_match_the_restated_references():
             assert all(g == w or undecided for g, w, _, undecided in seen)          # fast: every decided row
         counts[method] = (len(seen), int(fuser.partial_rows), sum(s[3] for s in seen))
     print("rows checked, rows whose string Gemma-3 has no token for, GaC fast's undecided rows:", counts)
+
+
+# ---- the harness: names, dev's choice, no-fusion twins ---------------------------------------------
+
+def test_method_names_carry_their_swept_settings():
+    from runtime.evaluation.methods import method_settings, parse_methods
+    names = ["main", "assist"]
+    got = parse_methods("deepen-avg,unite,gac", names, [0.0, 0.15], [0.5, 1.0], [5, 10])
+    assert got == ["deepen-avg@0g0.5", "deepen-avg@0g1", "deepen-avg@0.15g0.5", "deepen-avg@0.15g1",
+                   "unite@k5g0.5", "unite@k5g1", "unite@k10g0.5", "unite@k10g1", "gac@g0.5", "gac@g1"]
+    assert parse_methods("gac,unite", names, [0.15], [0.9]) == ["gac", "unite"]   # one value: no suffix
+    assert [method_settings(m) for m in ("deepen-avg@0.15g0.5", "unite@k5", "gac", "deepen-avg@1e-05")] == [
+        ("deepen-avg", {"eta": 0.15, "gate": 0.5}), ("unite", {"k": 5}), ("gac", {}), ("deepen-avg", {"eta": 1e-05})]
+
+
+def test_dev_choice_is_the_best_setting_and_ties_go_to_less_fusion(tmp_path):
+    from runtime.evaluation.methods import best_dev, write_summary
+    from runtime.evaluation.tasks import TASKS
+    folder = tmp_path / "piqa-dev"
+    folder.mkdir()
+    for name, acc, setting in (("gac@g0", 0.50, {"gate": 0.0}), ("gac@g0.5", 0.53, {"gate": 0.5}),
+                               ("gac@g1", 0.53, {"gate": 1.0}), ("unite@k5g1", 0.40, {"k": 5, "gate": 1.0}),
+                               ("unite@k10g1", 0.45, {"k": 10, "gate": 1.0})):
+        write_summary(folder, name, {"accuracy": acc, **setting})
+    assert best_dev(tmp_path, TASKS["piqa"], "gac") == {"gate": 0.5}
+    assert best_dev(tmp_path, TASKS["piqa"], "unite") == {"k": 10, "gate": 1.0}
+    with pytest.raises(ValueError, match="no deepen-avg results"):
+        best_dev(tmp_path, TASKS["piqa"], "deepen-avg")
+
+
+def test_a_setting_that_never_fuses_decodes_as_the_main_member_alone(tiny, tmp_path):
+    """gate 0 (and DEEPEN at eta 0) take the main member's token on every row: the run reuses
+    single:<main>'s texts (marked decoded_as), and decoding it on its own gives them token for token."""
+    from runtime.evaluation.methods import method_fusers
+    from runtime.evaluation.run import Evaluation
+    from runtime.evaluation.tasks import TASKS, load_questions
+    from runtime.jobs.files import read_jsonl
+    task = TASKS["triviaqa"]
+    questions = load_questions(task, "dev", limit=4)
+
+    def make(kind):
+        cfg = dataclasses.replace(tiny.cfg, method=kind, mode="fast")
+        return make_fuser(cfg, tiny.members, anchors_entry(cfg, tiny.members, tiny.home))
+
+    def evaluate(folder, methods):
+        fusers = method_fusers(methods, tiny.members, make, 0.3, None)
+        run = Evaluation(task, "dev", questions, tiny.members, folder, methods, fusers, "generate",
+                         {"eta": 0.3, "max_new_tokens": 5}, batch=4, progress=False, log=lambda m: None)
+        run.run()
+        return {m: read_jsonl(run.path(m)) for m in methods}
+
+    main = f"single:{tiny.members[0].name}"
+    both = evaluate(tmp_path / "both", [main, "gac@g0", "unite@g0", "deepen-avg@0", "gac@g1"])
+    alone = evaluate(tmp_path / "alone", ["unite@g0", "gac@g1"])
+    texts = lambda rows: {r["id"]: (r["prediction"], r["tokens"]) for r in rows}  # noqa: E731
+    for m in ("gac@g0", "unite@g0", "deepen-avg@0"):
+        assert all(r["decoded_as"] == main for r in both[m]) and texts(both[m]) == texts(both[main])
+    assert texts(alone["unite@g0"]) == texts(both[main]) and not any(r["fused_steps"] for r in alone["unite@g0"])
+    assert "decoded_as" not in both["gac@g1"][0] and any(r["fused_steps"] for r in both["gac@g1"])
+    assert texts(alone["gac@g1"]) == texts(both["gac@g1"])
