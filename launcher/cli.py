@@ -132,7 +132,8 @@ def layout(config, hostfile, replicas):
 @click.option("--overwrite", is_flag=True, help="replace an existing --output")
 @click.option("--skip-bad", is_flag=True, help="skip malformed input lines (with a warning) instead of stopping")
 @click.option("--method", type=click.Choice(["deepen", "single"]), default="deepen", show_default=True,
-              help="the ensemble, or one member alone through the same engine (its greedy decoding)")
+              help="the ensemble (the config's method: deepen, unite or gac), or one member alone through "
+                   "the same engine (its greedy decoding)")
 @click.option("--member", help="with --method single: the member to run alone")
 @click.option("--batch", default=8, show_default=True, help="rows in flight (continuous batching)")
 @click.option("--max-new-tokens", default=64, show_default=True, help="default per prompt")

@@ -2,6 +2,7 @@
 authors' code (helpers/methods_reference.py), the union maps, the gate, and the engine around them
 (batching, sampling, log-probabilities), on the tiny members (three tokenizer families)."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -278,3 +279,59 @@ def test_a_setting_that_never_fuses_decodes_as_the_main_member_alone(tiny, tmp_p
     assert texts(alone["unite@g0"]) == texts(both[main]) and not any(r["fused_steps"] for r in alone["unite@g0"])
     assert "decoded_as" not in both["gac@g1"][0] and any(r["fused_steps"] for r in both["gac@g1"])
     assert texts(alone["gac@g1"]) == texts(both["gac@g1"])
+
+
+# ---- the config ------------------------------------------------------------------------------------
+
+CONFIG = """
+[ensemble]
+main = "a"
+{extra}
+[[members]]
+name = "a"
+source = "tiny:tiny-sp"
+[[members]]
+name = "b"
+source = "tiny:tiny-bpe"
+"""
+
+
+@pytest.mark.parametrize("extra,message", [
+    ('method = "blend"', "ens.toml: ensemble.method: must be one of 'deepen', 'unite', 'gac', got 'blend'"),
+    ("unite_k = 0", "ensemble.unite_k: must be a positive integer, got 0"),
+    ('unite_k = "ten"', "ensemble.unite_k: must be an integer, got str 'ten'"),
+    ("gate = 1.5", "ensemble.gate: must be a probability in [0, 1]"),
+    ('gate_member = "c"', "ensemble.gate_member: no member named 'c' (members: a, b)"),
+])
+def test_the_methods_keys_are_validated_naming_the_key(tmp_path, extra, message):
+    from runtime.members.config import ConfigError, load_config
+    path = tmp_path / "ens.toml"
+    path.write_text(CONFIG.format(extra=extra))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_the_methods_keys_default_to_deepen_and_the_authors_settings(tmp_path):
+    from runtime.members.config import load_config
+    path = tmp_path / "ens.toml"
+    path.write_text(CONFIG.format(extra=""))
+    cfg = load_config(path)
+    assert (cfg.method, cfg.unite_k, cfg.gate, cfg.gate_index) == ("deepen", 10, 1.0, 0)
+    path.write_text(CONFIG.format(extra='method = "gac"\ngate = 0.5\ngate_member = "b"'))
+    cfg = load_config(path)
+    assert (cfg.method, cfg.gate, cfg.gate_index) == ("gac", 0.5, 1)
+
+
+def test_the_python_api_runs_each_method(tiny, monkeypatch):
+    """Ensemble(config, method=...): the same fuser as the config's key would give."""
+    from runtime.api import Ensemble
+    monkeypatch.setenv("DEEPEN_HOME", str(tiny.home))
+    outs = {m: Ensemble("configs/tiny.toml", method=m, gate=0.9).generate(PROMPTS[:2], max_new_tokens=4)
+            for m in ("unite", "gac")}
+    for method, out in outs.items():
+        cfg = dataclasses.replace(tiny.cfg, method=method, gate=0.9)
+        fuser = make_fuser(cfg, tiny.members, anchors_entry(cfg, tiny.members, tiny.home))
+        want = Engine(tiny.members, fuser, 8).run([Request(i, p, 4) for i, p in enumerate(PROMPTS[:2])])
+        assert [o["completion"] for o in out] == [r.text for r in sorted(want, key=lambda r: r.request.id)]
+    with pytest.raises(ValueError, match="method must be one of"):
+        Ensemble("configs/tiny.toml", method="blend")

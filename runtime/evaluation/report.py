@@ -146,7 +146,8 @@ def dev_sweeps(results: Path) -> str:
             cells = []
             for k, v in runs:
                 label = ", ".join(f"{key} {v[key]:g}" for key in ("eta", "k", "gate") if key in v)
-                mark = chosen.get("chosen_on_dev") and all(chosen.get(key) == v.get(key) for key in ("eta", "k", "gate"))
+                mark = chosen.get("chosen_on_dev") and all(chosen.get(key) == v.get(key)
+                                                           for key in ("eta", "k", "gate"))
                 cell = f"{label}: {100 * v['accuracy']:.1f}"
                 cells.append(f"**{cell}**" if mark else cell)
             n = max(v["questions"] for _, v in runs)

@@ -98,7 +98,8 @@ def end_of_text_ids(tokenizer) -> list[int]:
     """The member's EOS id first, then its other end-of-text special tokens."""
     vocab = tokenizer.get_vocab()
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return ids + [vocab[t] for t in END_OF_TEXT if t in vocab and vocab[t] not in ids and vocab[t] in tokenizer.all_special_ids]
+    special = set(tokenizer.all_special_ids)
+    return ids + [vocab[t] for t in END_OF_TEXT if t in vocab and vocab[t] not in ids and vocab[t] in special]
 
 
 def first_tokens(tokenizer):

@@ -28,7 +28,8 @@ class Vocabulary:
         self.tokenizer = tokenizer
         self.strings = token_bytes(tokenizer)
         vocab = tokenizer.get_vocab()
-        ends = {tokenizer.eos_token_id} | {vocab[t] for t in ENDS if t in vocab and vocab[t] in tokenizer.all_special_ids}
+        special = set(tokenizer.all_special_ids)
+        ends = {tokenizer.eos_token_id} | {vocab[t] for t in ENDS if t in vocab and vocab[t] in special}
         for e in ends:
             if e is not None and e < len(self.strings):
                 self.strings[e] = EOS
