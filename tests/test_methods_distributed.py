@@ -79,10 +79,11 @@ def test_a_method_under_the_launcher_gives_the_single_process_results(home, tmp_
                                                                               abs=1e-4)
     got_s, want_s = json.loads(stats.read_text()), json.loads(single_stats.read_text())
     assert got_s["world_size"] == ranks
-    for key in ("rows", "fused_rows", "tokens") + (("steps",) if micro == 1 else ()):
+    for key in ("rows", "fused_rows", "tokens", "partial_rows") + (("steps",) if micro == 1 else ()):
         assert got_s[key] == want_s[key], key
     assert 0 < got_s["fused_rows"] < got_s["rows"] if method == "gac" else got_s["fused_rows"] == got_s["rows"]
     if method == "gac":
+        assert got_s["undecided_rows"] == want_s["undecided_rows"]
         assert got_s["neglected_mass_sum"] == pytest.approx(want_s["neglected_mass_sum"], rel=1e-5, abs=1e-7)
     # bytes per fused row the main leader received: UniTE every top-k entry (3 members x k=10 int64)
     # and every member's probabilities over the union (3 x (30 + 1) fp32); GaC every member's
