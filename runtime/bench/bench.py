@@ -128,7 +128,7 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
         for r in range(repeat):
             for name, (group, f) in series.items():
                 at = "" if context is None else f" context {context}"
-                log(f"batch {batch}{at}: {name}{'' if name == 'ensemble' else ' alone'} {r + 1}/{repeat}")
+                log(f"batch {batch}{at}: {name}{'' if name == 'ensemble' or name.startswith('method:') else ' alone'} {r + 1}/{repeat}")
                 runs[name].append(run_engine(group, f, chosen, batch, new_tokens, sampling, incremental))
         row = {"batch": batch, "context": context, "host_path": "incremental" if incremental else "full",
                "ensemble": _summary(runs.pop("ensemble"))}
