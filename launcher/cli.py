@@ -66,7 +66,8 @@ def anchors():
 @click.option("--device", help="where the sweep over P runs: cpu, cuda or cuda:N (default: CUDA if present)")
 def anchors_build(config, as_json, device):
     """Build (or find cached) the anchors and every member's relative transfer for CONFIG:
-    normalised embeddings + two scalars per token + P's mean row; never a dense |V| x |A| matrix."""
+    normalised embeddings + two scalars per token + P's mean row; never a dense |V| x |A| matrix.
+    For `method = "unite"` or `"gac"`: the members' union vocabulary and its maps instead."""
     from runtime.deepen.anchors import anchors_summary
     from runtime.members.devices import pick_device
     from runtime.jobs.progress import peak_rss_mb
@@ -75,6 +76,17 @@ def anchors_build(config, as_json, device):
     t0 = time.perf_counter()
     members = load_members(cfg, with_models=False)
     entry = anchors_entry(cfg, members, device=pick_device(device))
+    if cfg.method != "deepen":   # UniTE, GaC: the union vocabulary's maps, no anchors
+        info = {**json.loads((entry / "union.json").read_text()), "entry": str(entry),
+                "seconds": round(time.perf_counter() - t0, 1)}
+        if as_json:
+            click.echo(json.dumps(info))
+            return
+        click.echo(f"union vocabulary: {info['size']:,} entries ({entry})")
+        for n, e, f, none in zip(info["members"], info["exact"], info["first_token"], info["none"]):
+            click.echo(f"  {n:24s} its tokens {e:>8,}  by their first token {f:>8,}  unscorable {none:>6,}")
+        click.echo(f"time {info['seconds']} s")
+        return
     summary = {"seconds": round(time.perf_counter() - t0, 1),
                "peak_rss_build_mb": round(peak_rss_mb(), 1)}  # before the summary loads the transfers back
     summary = {**anchors_summary(entry, cfg.anchors.row_cache), **summary}
@@ -120,7 +132,8 @@ def layout(config, hostfile, replicas):
 @click.option("--overwrite", is_flag=True, help="replace an existing --output")
 @click.option("--skip-bad", is_flag=True, help="skip malformed input lines (with a warning) instead of stopping")
 @click.option("--method", type=click.Choice(["deepen", "single"]), default="deepen", show_default=True,
-              help="the ensemble, or one member alone through the same engine (its greedy decoding)")
+              help="the ensemble (the config's method: deepen, unite or gac), or one member alone through "
+                   "the same engine (its greedy decoding)")
 @click.option("--member", help="with --method single: the member to run alone")
 @click.option("--batch", default=8, show_default=True, help="rows in flight (continuous batching)")
 @click.option("--max-new-tokens", default=64, show_default=True, help="default per prompt")
@@ -168,8 +181,8 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
 @click.option("--task", required=True, type=click.Choice(["mmlu", "arc_challenge", "gsm8k", "piqa", "triviaqa", "nq"]))
 @click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True)
 @click.option("--method", "method_spec", default="single,deepen-avg,minED", show_default=True,
-              help="comma list: single, single:<member>, deepen, deepen-avg, deepen-adapt, minED, "
-                   "vote, mbr, deepen+vote, deepen+mbr; variant: deepen-letters (choice mode: every "
+              help="comma list: single, single:<member>, deepen, deepen-avg, deepen-adapt, unite, gac, "
+                   "minED, vote, mbr, deepen+vote, deepen+mbr; variant: deepen-letters (choice mode: every "
                    "member restricted to the option letters)")
 @click.option("--limit", default=0, show_default=True, help="a seeded random sample of N questions (0: all)")
 @click.option("--seed", default=0, show_default=True, help="the sample's seed")
@@ -179,7 +192,11 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
               help="multiple-choice tasks: argmax over the option letters (choice, default) or free "
                    "generation with the letter read off the text; other tasks always generate")
 @click.option("--eta", "eta_spec", help="eta for DEEPEN: a value, a comma list (a sweep: one result "
-              "per eta), or 'dev' (the best deepen-avg eta of this task's dev results in --out)")
+              "per eta; 0 is no fusion), or 'dev' (each method's best dev setting in --out, as --gate dev)")
+@click.option("--gate", "gate_spec", help="the gate for every fusing method (fuse only where the main member's "
+              "top probability is at most this; 1: always, 0: never): a value, a comma list (a sweep), or "
+              "'dev' (each method's best dev setting in --out: its eta, k and gate)")
+@click.option("--unite-k", "k_spec", help="UniTE's k: a value or a comma list (a sweep)")
 @click.option("--fusion", type=click.Choice(["fast", "exact"]), help="override the config's fusion mode")
 @click.option("--out", "out_root", type=click.Path(file_okay=False), help="results folder (default results/<config name>)")
 @click.option("--batch", default=8, show_default=True, help="questions in flight")
@@ -188,8 +205,8 @@ def generate(config, input_path, output_path, resume, overwrite, skip_bad, metho
 @click.option("--overwrite", is_flag=True, help="start the named methods again")
 @click.option("--device", help="cpu, cuda or cuda:N (default: CUDA if present)")
 @click.option("--threads", type=int, help="torch threads")
-def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, eta_spec, fusion, out_root,
-             batch, max_new_tokens, resume, overwrite, device, threads):
+def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, eta_spec, gate_spec, k_spec,
+             fusion, out_root, batch, max_new_tokens, resume, overwrite, device, threads):
     """Score methods on one benchmark (the paper's prompts, shots, stops, answer extraction and
     metric): per-question JSONL and summary.json under --out/<task>-<split>[-free]."""
     import torch
@@ -197,7 +214,8 @@ def evaluate(config, task, split, method_spec, limit, seed, data, answer_mode, e
     if threads:
         torch.set_num_threads(threads)
     run = prepare(config, task, split, method_spec, limit, seed, data, answer_mode, eta_spec, fusion,
-                  out_root, batch, max_new_tokens, resume, overwrite, log=echo_err, device=device)
+                  out_root, batch, max_new_tokens, resume, overwrite, log=echo_err, device=device,
+                  gate_spec=gate_spec, k_spec=k_spec)
     try:
         run.run()
     except KeyboardInterrupt:

@@ -45,9 +45,13 @@ device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUD
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--logprobs", type=int, default=None, help="also report N alternatives' log-probabilities")
+@click.option("--method", "method_spec", default=None,
+              help="comma list of ensemble methods (deepen, unite, gac), each its own series of the run, "
+                   "side by side: step vs the serial floor, the fused step's cost and share (default: the config's)")
 @device_option
 def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path, repeat, clock, compare,
-                  reference_prompts, reference_tokens, output, plots, temperature, top_p, top_k, logprobs, device):
+                  reference_prompts, reference_tokens, output, plots, temperature, top_p, top_k, logprobs, device,
+                  method_spec=None):
     """Throughput of the ensemble vs each member alone and vs the reference loop, as ratios
     from one run, with the share of step time in each part (min/median/max over --repeat), and
     the host's work per step (everything but the forward passes and the fused step's math)
@@ -65,6 +69,11 @@ def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path,
     members = load_members(cfg, log=echo_err, device=pick_device(device))
     entry = anchors_entry(cfg, members, log=echo_err)
     fuser = make_fuser(cfg, members, entry)
+    methods = None
+    if method_spec:   # the config's method is the "ensemble" series; every other named one its own
+        from runtime.bench.methods import method_fusers, parse_methods
+        names = [m for m in parse_methods(method_spec) if m != cfg.method]
+        methods = method_fusers(cfg, members, names, lambda c: anchors_entry(c, members, log=echo_err), make_fuser)
     exact = exact_fuser_if_it_fits(cfg, members, entry, log=echo_err) if "exact" in compare else None
     sampling = sampling_from(temperature, top_p, top_k, 1, logprobs)
     paths = host_paths.split(",")
@@ -76,7 +85,8 @@ def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path,
                      repeat, tuple(c for c in compare.split(",") if c and c != "none"), reference_prompts,
                      reference_tokens, log=echo_err, exact_fuser=exact, sampling=sampling,
                      contexts=[int(c) for c in contexts.split(",")] if contexts else None,
-                     incremental=path == "incremental", **({"clock": time.thread_time} if clock == "cpu" else {}))
+                     incremental=path == "incremental", **({"clock": time.thread_time} if clock == "cpu" else {}),
+                     **({"methods": methods} if methods else {}))
         if result is None:
             result = part
         else:
@@ -87,6 +97,10 @@ def bench_command(config, batch, contexts, host_paths, new_tokens, prompts_path,
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
     click.echo(f"CPU: {result['cpu']}" + ("; times are CPU time of one thread (--clock cpu)" if clock == "cpu" else ""))
     click.echo(table(result))
+    if methods:
+        from runtime.bench.methods import methods_table
+        click.echo("")
+        click.echo(methods_table(result, cfg.method))
     click.echo("")
     click.echo(host_table(result))
     click.echo(f"peak RSS of this process: {result['peak_rss_mb']} MB")

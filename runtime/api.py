@@ -16,7 +16,7 @@ from .engine.engine import Engine
 from .engine.sequence import Request, Result
 from .engine.sampling import SamplingParams
 from .jobs.files import expand_samples, parse_request
-from .members.config import EnsembleConfig, load_config
+from .members.config import METHODS, EnsembleConfig, load_config
 from .members.devices import pick_device
 from .members.ensemble import anchors_entry, load_members, make_fuser, single_fuser
 
@@ -25,15 +25,25 @@ class Ensemble:
     """An ensemble, loaded: its members' models and tokenizers, anchors and fuser.
 
     config: a TOML path (or a loaded EnsembleConfig). member: run that member alone, through the
-    same engine (its own greedy decoding). mode ("fast" | "exact") and eta override the config.
+    same engine (its own greedy decoding). mode ("fast" | "exact"), eta, method ("deepen" |
+    "unite" | "gac", docs/methods.md) and gate override the config.
     device: "cpu", "cuda" or "cuda:N" for every member and the fusion (default: CUDA if
     present). Anchors are built on first use if the cache lacks them (minutes for large
     vocabularies)."""
 
     def __init__(self, config: str | Path | EnsembleConfig, *, member: str | None = None,
                  mode: str | None = None, eta: float | None = None, device: str | None = None,
-                 home: Path | None = None, log=lambda message: None):
+                 home: Path | None = None, log=lambda message: None, method: str | None = None,
+                 gate: float | None = None):
         cfg = config if isinstance(config, EnsembleConfig) else load_config(config)
+        if method is not None:
+            if method not in METHODS:
+                raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+            cfg = dataclasses.replace(cfg, method=method)
+        if gate is not None:
+            if not 0 <= gate <= 1:
+                raise ValueError(f"gate must be in [0, 1], got {gate}")
+            cfg = dataclasses.replace(cfg, gate=gate)
         if eta is not None:
             if not eta >= 0:
                 raise ValueError(f"eta must be >= 0, got {eta}")

@@ -109,11 +109,13 @@ def run_reference(members, fuser, prompts: list[str], new_tokens: int) -> dict:
 def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: int, repeat: int,
           compare: tuple[str, ...] = ("members", "reference"), reference_prompts: int = 2,
           reference_tokens: int = 8, log=print, exact_fuser=None, sampling=GREEDY,
-          contexts: list[int] | None = None, incremental: bool = True, clock=time.perf_counter) -> dict:
+          contexts: list[int] | None = None, incremental: bool = True, clock=time.perf_counter,
+          methods: dict | None = None) -> dict:
     """Each batch size B decodes B prompts (all in flight at once) for `new_tokens` tokens
     (`sampling`: every series draws with these settings, seeded per prompt). `contexts`: run
     every batch size at each of these prompt lengths (tokens of the main member; the prompts
-    grown or cut to it, bench/context.py). `incremental=False`: the old host path."""
+    grown or cut to it, bench/context.py). `incremental=False`: the old host path. `methods`:
+    {name: fuser} of more ensemble series, interleaved with the others (bench/methods.py)."""
     from .context import prompts_of_length
     log("warm-up")
     run_engine(members, fuser, prompts[:2], 2, 2, incremental=incremental, clock=clock)
@@ -124,16 +126,20 @@ def bench(members, fuser, prompts: list[str], batches: list[int], new_tokens: in
         # one repetition of every series, then the next: a slow minute on a shared machine
         # then slows all series alike instead of the one that happened to be running
         series = {"ensemble": (members, fuser)}
+        series.update({f"method:{name}": (members, f) for name, f in (methods or {}).items()})
         if "members" in compare:
             series.update({m.name: ([m], single_fuser([m])) for m in members})
         runs = {name: [] for name in series}
         for r in range(repeat):
             for name, (group, f) in series.items():
                 at = "" if context is None else f" context {context}"
-                log(f"batch {batch}{at}: {name}{'' if name == 'ensemble' else ' alone'} {r + 1}/{repeat}")
+                alone = '' if name == 'ensemble' or name.startswith('method:') else ' alone'
+                log(f"batch {batch}{at}: {name}{alone} {r + 1}/{repeat}")
                 runs[name].append(run_engine(group, f, chosen, batch, new_tokens, sampling, incremental, clock))
         row = {"batch": batch, "context": context, "host_path": "incremental" if incremental else "full",
                "ensemble": _summary(runs.pop("ensemble"))}
+        if methods:
+            row["methods"] = {name: _summary(runs.pop(f"method:{name}")) for name in methods}
         if runs:
             row["members"] = {name: _summary(v) for name, v in runs.items()}
             solo_sum = sum(v["step_s"]["median"] for v in row["members"].values())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .gate import Gate
 from .protocol import LOCAL, Pending, StepResult, begin, compute, finish
 from .search import SearchSettings, candidate_margin, search_exact, search_fast
 from .summary import relative_from, summarize
@@ -48,7 +49,8 @@ class Fuser:
     holds only its own member's transfer (the others are None)."""
 
     def __init__(self, transfers: list, weights: list[float], search: SearchSettings,
-                 mode: str = "fast", fast: FastSettings | None = None, eos_token_id: int | None = None):
+                 mode: str = "fast", fast: FastSettings | None = None, eos_token_id: int | None = None,
+                 gate: Gate = Gate()):
         if mode not in ("exact", "fast"):
             raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         self.transfers = transfers
@@ -57,6 +59,7 @@ class Fuser:
         self.mode = mode
         self.fast = fast or FastSettings()
         self.eos_token_id = eos_token_id
+        self.gate = gate   # GaC's gate (gate.py): fuse only where the gate member is unsure
         # seconds per part: rules, relative, gather, search, broadcast
         self.seconds: dict[str, float] = defaultdict(float)
         self.decided_rows = 0   # rows skipped because their token was decided (fast mode)
@@ -115,9 +118,11 @@ class Fuser:
         return (keys[0] >= 0) & keys.eq(keys[0]).all(0)
 
     def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None,
-                     agree: torch.Tensor | None = None, greedy: torch.Tensor | None = None) -> torch.Tensor:
+                     agree: torch.Tensor | None = None, greedy: torch.Tensor | None = None,
+                     gated: torch.Tensor | None = None) -> torch.Tensor:
         """The fusion rules: not when eta is 0, not where the main model's own argmax is EOS,
-        not where the caller says so (a stop string was just completed). Fast mode also skips a
+        not where the caller says so (a stop string was just completed), not where the gate
+        member is sure (`gated`, gate.py: every row, sampled or not). Fast mode also skips a
         row whose outcome is decided: its top logit leads the second by more than the search can
         move two logits apart (`candidate_margin`), so whatever the members say, the search
         returns the main model's own argmax. Exact mode runs the authors' search on every row.
@@ -129,6 +134,8 @@ class Fuser:
             fuse[:] = False
         if self.eos_token_id is not None:
             fuse &= main_argmax != self.eos_token_id
+        if gated is not None:
+            fuse &= ~gated
         if self.mode == "fast" and self.fast.skip_decided and main_logits.shape[-1] > 1:
             top = main_logits.float().topk(2, dim=-1).values
             decided = fuse & (top[:, 0] - top[:, 1] > candidate_margin(self.search))

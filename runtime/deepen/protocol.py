@@ -18,6 +18,19 @@ micro-batch's work between them; `Fuser.step` runs them back to back.
                       owner's tokens summed onto the main leader (merge)
             search    plain: r = sum_i w_i r_i and the inverse search on the main member
             tokens    the chosen tokens and fused flags reach everyone who decodes
+
+The token-space methods (UniTE, GaC: tokenspace.py, unite.py, gac.py) run the same phases over
+the members' union vocabulary (union.py) instead of relative space:
+
+  begin     rules     the gate (gate.py) and the caller's skip mask pick the rows to fuse
+            rows      the fuse mask reaches every leader
+            share     (UniTE) every member's top-k union entries of the fused rows, on every
+                      leader (an all-gather of F x k int64 per member)
+  compute   part      each leader: its member's share of the fused rows (UniTE: probabilities
+                      over the row's union of top-k; GaC: its top probabilities as union entries)
+  finish    gather    the parts reach the main member
+            combine   the weighted sum over the union, the argmax, the main member's id for it
+            tokens    as above
 """
 from __future__ import annotations
 
@@ -25,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .gate import gated_rows
 from .split import NOT_FUSED, fuse_owned, merge_owned, owners, share_summaries, splits
 from .summary import aggregate
 
@@ -56,6 +70,9 @@ class LocalExchange:
 
     def collect_keys(self, keys: dict, batch: int) -> list:
         return [keys[i] for i in sorted(keys)]
+
+    def share_all(self, parts: dict) -> list:
+        return [parts[i] for i in sorted(parts)]
 
     def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
         return result
@@ -93,6 +110,7 @@ class Pending:
     shared: tuple | None = None       # rows shared out: (fused rows, every member's summaries)
     mine: dict | None = None          # plain: this process's (r_i, neglected) for the fused rows
     merged: torch.Tensor | None = None  # rows shared out: this owner's (token, neglected) rows
+    local: dict = field(default_factory=dict)  # token-space methods: what stays in this process
 
 
 def begin(fuser, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
@@ -104,9 +122,10 @@ def begin(fuser, member_logits, skip=None, include=None, exchange=LOCAL, memo=No
     main = logits.get(0)
     with fuser.timed("rules"):
         agree = fuser.members_agree(logits, exchange, batch)
+        gated = gated_rows(fuser.gate, logits, exchange, batch)
         if main is not None:
             greedy = sampler.argmax_only(main.device) if sampler is not None else None
-            p.fuse = fuser.rows_to_fuse(main, skip, agree, greedy)
+            p.fuse = fuser.rows_to_fuse(main, skip, agree, greedy, gated)
     if not exchange.leads:
         return p
     owned = None   # whether any row has an owner, where this process knows it without a read
@@ -154,5 +173,48 @@ def finish(fuser, p: Pending) -> StepResult:
             with fuser.timed("search"):
                 result = fuser.decide(main, r, p.fuse, stats, p.include, p.sampler)
             fuser.rows_fused_here += 0 if r is None else len(r)
+    with fuser.timed("broadcast"):
+        return exchange.share_tokens(result, p.batch)
+
+
+# ---- the token-space methods (module doc) -------------------------------------------------------
+
+def begin_union(fuser, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
+                sampler=None) -> Pending:
+    """Rules, rows and (UniTE) every member's top-k entries, on every leader."""
+    logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
+    batch = batch if batch is not None else len(next(iter(logits.values())))
+    p = Pending(logits, batch, exchange, include, memo, sampler)
+    main = logits.get(0)
+    with fuser.timed("rules"):
+        gated = gated_rows(fuser.gate, logits, exchange, batch)
+        if main is not None:
+            p.fuse = fuser.rows_to_fuse(main, skip, gated)
+    if not exchange.leads:
+        return p
+    with fuser.timed("gather"):
+        p.fuse = exchange.share_rows(p.fuse, batch)
+    if p.fuse.any():
+        p.shared = fuser.share(p)   # times its own parts
+    return p
+
+
+def compute_union(fuser, p: Pending):
+    """Each member's part of the fused rows, from its own logits; no communication."""
+    if p.exchange.leads and p.fuse.any():
+        rows = p.fuse.nonzero(as_tuple=True)[0]
+        with fuser.timed("relative"):
+            p.mine = {i: fuser.member_part(i, l[rows], p) for i, l in p.logits.items()}
+
+
+def finish_union(fuser, p: Pending) -> StepResult:
+    """The parts gathered on the main member, combined; the tokens to everyone who decodes."""
+    exchange, main, result, parts = p.exchange, p.logits.get(0), None, None
+    if p.mine is not None:
+        with fuser.timed("gather"):
+            parts = exchange.collect(p.mine)
+    if main is not None:
+        with fuser.timed("search"):
+            result = fuser.decide(main, parts, p)
     with fuser.timed("broadcast"):
         return exchange.share_tokens(result, p.batch)

@@ -164,6 +164,19 @@ class GroupExchange:
         fast = neglected is not None
         return [(t[:, :-1], t[:, -1] if fast else None) for t in received]
 
+    def share_all(self, parts: dict) -> list:
+        """Every leader's (F, W) tensor, on every leader, in member order: one all-gather (UniTE's
+        top-k union entries, deepen/unite.py)."""
+        (mine,), leaders = parts.values(), self.world.layout.leaders
+        if len(leaders) == 1:
+            return [mine]
+        received = [torch.empty_like(mine) for _ in leaders]
+        with self.phase("gather"):
+            dist.all_gather(received, mine.contiguous(), group=self.world.leaders_group)
+        if self.is_main:
+            self.gathered_bytes += sum(t.numel() * t.element_size() for t in received)
+        return received
+
     def share_tokens(self, result: StepResult | None, batch: int) -> StepResult:
         """The chosen tokens and fused flags, from rank 0 to every rank."""
         both = torch.stack([result.tokens, result.fused.long()]) if self.is_root \

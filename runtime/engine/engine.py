@@ -88,6 +88,7 @@ class Engine:
                 "steps": self.steps, **self.stats, "decided_rows": int(getattr(self.fuser, "decided_rows", 0)),
                 "agreeing_rows": int(getattr(self.fuser, "agreeing_rows", 0)),
                 "rows_fused_here": int(getattr(self.fuser, "rows_fused_here", 0)),
+                **{k: int(getattr(self.fuser, k)) for k in ("partial_rows", "undecided_rows") if hasattr(self.fuser, k)},
                 "neglected_mass_sum": [n[0] for n in neglected] if neglected else None,
                 "neglected_mass_max": [n[1] for n in neglected] if neglected else None,
                 "resync": self.resync_counts(),

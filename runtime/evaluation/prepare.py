@@ -36,11 +36,44 @@ def parse_etas(spec: str | None, default: float, out: Path, task, log) -> list[f
         raise ValueError(f"--eta: expected a number, a comma list or 'dev', got {spec!r}") from None
 
 
+def parse_list(option: str, spec: str | None, kind, check=None) -> list | None:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; None/'' -> None; 'dev' handled by the caller."""
+    if not spec or spec == "dev":
+        return None
+    try:
+        values = [kind(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"{option}: expected a comma list of numbers or 'dev', got {spec!r}") from None
+    for v in values:
+        if check and not check(v):
+            raise ValueError(f"{option}: {v:g} is out of range")
+    return values
+
+
+def dev_choices(out: Path, task, methods: list[str], log) -> dict:
+    """base method -> its settings with the best dev accuracy (deepen-adapt: deepen-avg's)."""
+    chosen = {}
+    for m in methods:
+        base = ev.method_settings(m)[0]
+        if base in chosen or not (base in ev.TOKEN_SPACE or base in ev.DEEPENS):
+            continue
+        source = "deepen-avg" if base in ("deepen", "deepen-adapt") else base
+        try:
+            chosen[base] = ev.best_dev(out, task, source)
+        except ValueError:
+            if base != "deepen-letters":
+                raise
+            source, chosen[base] = "deepen-avg", ev.best_dev(out, task, "deepen-avg")
+        log(f"{base}: {chosen[base]} (the best {source} setting on {task.name} dev)")
+    return chosen
+
+
 def prepare(config: str, task: str, split: str = "test", method_spec: str = "single,deepen-avg,minED",
             limit: int = 0, seed: int = 0, data: str | None = None, answer_mode: str | None = None,
             eta_spec: str | None = None, fusion: str | None = None, out_root: str | None = None,
             batch: int = 8, max_new_tokens: int | None = None, resume: bool = False,
-            overwrite: bool = False, log=print, progress: bool = True, device: str | None = None) -> Evaluation:
+            overwrite: bool = False, log=print, progress: bool = True, device: str | None = None,
+            gate_spec: str | None = None, k_spec: str | None = None) -> Evaluation:
     cfg = load_config(config)
     t = get_task(task)
     mode = answer_mode or ("choice" if t.kind == "choice" else "generate")
@@ -48,9 +81,13 @@ def prepare(config: str, task: str, split: str = "test", method_spec: str = "sin
         raise ValueError(f"--mode choice: {task} is not a multiple-choice task")
     out = Path(out_root or Path("results") / Path(config).stem)
     folder = results_folder(out, t, mode, split, data)
-    etas = parse_etas(eta_spec, cfg.eta, out, t, log)
+    dev = "dev" in (eta_spec, gate_spec)
+    etas = parse_etas(None if dev else eta_spec, cfg.eta, out, t, log)
+    gates = parse_list("--gate", gate_spec, float, lambda g: 0 <= g <= 1)
+    ks = parse_list("--unite-k", k_spec, int, lambda k: k >= 1)
     names = [m.name for m in cfg.ordered_members]
-    methods = ev.parse_methods(method_spec, names, etas)
+    methods = ev.parse_methods(method_spec, names, etas, gates, ks)
+    chosen = dev_choices(out, t, methods, log) if dev else {}
     adapt = ev.adapt_weights(out, t, names) if any(m.startswith("deepen-adapt") for m in methods) else None
     questions = load_questions(t, split, data, limit, seed)
     if not questions:
@@ -61,26 +98,22 @@ def prepare(config: str, task: str, split: str = "test", method_spec: str = "sin
             if path.exists():
                 path.unlink()
     members = load_members(cfg, log=log, device=pick_device(device))
-    entry = anchors_entry(cfg, members, log=log) if any(m.startswith("deepen") for m in methods) else None
     home = deepen_home()
     mined_maps = lambda: [None] + [cached_min_edit_map(  # noqa: E731
         members[0], m, m.model.get_output_embeddings().weight.shape[0], home) for m in members[1:]]
-    fusers = ev.method_fusers(methods, members, lambda w: make_fuser(cfg, members, entry, fusion),
-                              cfg.eta if len(etas) > 1 else etas[0], adapt, mined_maps)
-    if eta_spec == "dev":  # a variant with its own dev sweep uses its own best eta
-        for m, (_, fuser) in fusers.items():
-            if m.startswith("deepen-letters"):
-                try:
-                    fuser.search = dataclasses.replace(fuser.search, eta=ev.best_dev_eta(out, t, "deepen-letters"))
-                except ValueError:
-                    pass
+
+    def make(kind):
+        c = dataclasses.replace(cfg, method=kind)
+        return make_fuser(c, members, anchors_entry(c, members, log=log), fusion)
+    fusers = ev.method_fusers(methods, members, make, cfg.eta if len(etas) > 1 else etas[0], adapt, mined_maps,
+                              chosen)
     meta = {"eta": etas[0], "max_new_tokens": max_new_tokens}
     for m, (_, fuser) in fusers.items():
-        if m.startswith("deepen") or m == "minED":
+        if m.startswith(("deepen", "unite", "gac")) or m == "minED":
             meta[m] = {"weights": dict(zip(names, [round(w, 4) for w in fuser.weights])),
-                       "config": str(config), "fusion": getattr(fuser, "mode", None)}
-            if m.startswith("deepen"):
-                meta[m].update(eta=fuser.search.eta, steps=fuser.search.steps)
+                       "config": str(config), "fusion": getattr(fuser, "mode", None), **ev.fuser_settings(fuser)}
+            if ev.method_settings(m)[0] in chosen:
+                meta[m]["chosen_on_dev"] = True
             if adapt and m.startswith("deepen-adapt"):
                 meta[m]["adapt"] = adapt
     log(f"{task} {split}: {len(questions)} questions, mode {mode}, methods {', '.join(methods)}")

@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 
 TASK_ORDER = ["mmlu", "arc_challenge", "gsm8k", "piqa", "triviaqa", "nq"]
-METHOD_ORDER = ["deepen", "deepen-avg", "deepen-adapt", "minED", "vote", "mbr", "deepen+vote", "deepen+mbr"]
+METHOD_ORDER = ["deepen", "deepen-avg", "deepen-adapt", "unite", "gac", "minED", "vote", "mbr", "deepen+vote",
+                "deepen+mbr"]
+FUSING = ("deepen-avg", "unite", "gac")   # the three methods the "best of the three" row compares
 
 
 def collect(results: Path, split: str) -> dict:
@@ -74,13 +76,27 @@ def table(data: dict, split: str) -> str:
     lines.append("| ±95% CI (best single) | " + " | ".join(
         f"{ci95(best[c], max(v['questions'] for v in data[c].values())):.1f}" if best[c] is not None else ""
         for c in cols) + " | |")
-    etas = []
+    best3 = []
     for c in cols:
-        for m, v in data[c].items():
-            if m.startswith("deepen") and "eta" in v:
-                etas.append(f"{c} {m}: eta {v['eta']:g}" + (f", weights {v['weights']}" if "adapt" in m else ""))
-    if etas:
-        lines += ["", "DEEPEN settings: " + "; ".join(etas) + "."]
+        found = [(100 * v["accuracy"], m) for m, v in data[c].items() if m in FUSING]
+        if found and best[c] is not None:
+            acc, m = max(found)
+            best3.append(f"{acc:.2f} ({acc - 100 * best[c]:+.2f}, {m})")
+        else:
+            best3.append("")
+    if any(best3):
+        lines.insert(-3, "| best of DEEPEN-Avg, UniTE, GaC (picked on test) | " + " | ".join(best3) + " | |")
+    settings = []
+    for c in cols:
+        for m, v in sorted(data[c].items()):
+            keys = [k for k in ("eta", "k", "gate") if k in v]
+            if keys and not m.startswith("single:"):
+                text = ", ".join(f"{k} {v[k]:g}" for k in keys)
+                text += " (dev's best)" if v.get("chosen_on_dev") else ""
+                text += f", weights {v['weights']}" if "adapt" in m else ""
+                settings.append(f"{c} {m}: {text}")
+    if settings:
+        lines += ["", "Settings: " + "; ".join(settings) + "."]
     lines += ["", "| task | wall time | questions | questions / min | generation tok/s per method |",
               "|---|---|---|---|---|"]
     for c in cols:
@@ -105,11 +121,38 @@ def eta_sweeps(results: Path) -> dict:
             continue
         entries = json.loads(summary.read_text())
         points = sorted((v["eta"], v["accuracy"], v["questions"]) for m, v in entries.items()
-                        if m.startswith("deepen-avg@"))
+                        if m.startswith("deepen-avg@") and v.get("gate", 1.0) == 1.0)
         singles = {m: v["accuracy"] for m, v in entries.items() if m.startswith("single:")}
         if points:
             out[task] = {"points": points, "singles": singles}
     return out
+
+
+def dev_sweeps(results: Path) -> str:
+    """Every fusing method's dev accuracy per setting, per task (the test split's choice in bold)."""
+    from .methods import method_settings
+    lines = ["| task | method | dev accuracy per setting (bold: the one the test run used) |", "|---|---|---|"]
+    for task in TASK_ORDER:
+        dev, test = results / f"{task}-dev" / "summary.json", results / f"{task}-test" / "summary.json"
+        if not dev.exists():
+            continue
+        entries = json.loads(dev.read_text())
+        used = json.loads(test.read_text()) if test.exists() else {}
+        for base in ("deepen-avg", "unite", "gac"):
+            runs = sorted((k, v) for k, v in entries.items() if method_settings(k)[0] == base)
+            if len(runs) < 2:
+                continue
+            chosen = used.get(base, {})
+            cells = []
+            for k, v in runs:
+                label = ", ".join(f"{key} {v[key]:g}" for key in ("eta", "k", "gate") if key in v)
+                mark = chosen.get("chosen_on_dev") and all(chosen.get(key) == v.get(key)
+                                                           for key in ("eta", "k", "gate"))
+                cell = f"{label}: {100 * v['accuracy']:.1f}"
+                cells.append(f"**{cell}**" if mark else cell)
+            n = max(v["questions"] for _, v in runs)
+            lines.append(f"| {task} ({n}) | {base} | " + "; ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _answers(path: Path) -> dict:
@@ -153,9 +196,13 @@ def render(results: Path, out_dir: Path, split: str = "test") -> list[Path]:
     if not data:
         raise FileNotFoundError(f"no <task>-{split}/summary.json under {results}: run `deepen eval` first")
     text = ["# Evaluation results", "", table(data, split)]
-    pairs = paired(results, data, split)
-    if pairs:
-        text += ["", "## Question by question: DEEPEN-Avg vs the best single member", "", pairs]
+    for method, label in (("deepen-avg", "DEEPEN-Avg"), ("unite", "UniTE"), ("gac", "GaC")):
+        pairs = paired(results, data, split, method)
+        if pairs:
+            text += ["", f"## Question by question: {label} vs the best single member", "", pairs]
+    sweeps_table = dev_sweeps(results)
+    if sweeps_table:
+        text += ["", "## Settings on dev (every fusing method)", "", sweeps_table]
     sweeps = eta_sweeps(results)
     if sweeps:
         text += ["", "## eta on dev (DEEPEN-Avg)", "", "| task | " + " | ".join(
@@ -174,8 +221,8 @@ def render(results: Path, out_dir: Path, split: str = "test") -> list[Path]:
     for ax, c in zip(axes[0], cols):
         methods = [m for m in rows if m in data[c]]
         values = [100 * data[c][m]["accuracy"] for m in methods]
-        colors = ["#999999" if m.startswith("single:") else "#1f77b4" if m.startswith("deepen") else "#ff7f0e"
-                  for m in methods]
+        colors = ["#999999" if m.startswith("single:") else "#1f77b4" if m.startswith("deepen")
+                  else "#2ca02c" if m.startswith(("unite", "gac")) else "#ff7f0e" for m in methods]
         ax.bar(range(len(methods)), values, color=colors)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels([m.replace("single:", "") for m in methods], rotation=70, fontsize=7)

@@ -24,7 +24,7 @@ from ..engine.sequence import Request
 from ..jobs.files import ResultWriter, finished_ids, read_jsonl
 from ..jobs.progress import Progress
 from .baselines import mbr, vote
-from .methods import (COMBINERS, letter_ids, letter_scores, method_eta, read_summary, reads_others,
+from .methods import (COMBINERS, letter_ids, letter_scores, method_eta, never_fuses, read_summary, reads_others,
                       same_decoding, write_summary)
 from .tasks import Task, build_prompt, extract, gold, load_demos, score, token_f1
 
@@ -65,8 +65,7 @@ class Evaluation:
             self.run_choice(engine_methods)
         else:
             for k, m in enumerate(engine_methods):
-                twin = next((t for t in engine_methods[:k]
-                             if same_decoding(self.fusers[t][1], self.fusers[m][1])), None)
+                twin = next((t for t in engine_methods[:k] if self.decodes_alike(t, m)), None)
                 if twin:
                     self.copy_generation(m, twin)
                 else:
@@ -157,6 +156,12 @@ class Evaluation:
         seconds = time.perf_counter() - t0 if todo else 0.0  # a resume with nothing to do took no time
         self.summarize(method, seconds, extra={"generated_tokens": tokens})
 
+    def decodes_alike(self, a: str, b: str) -> bool:
+        """Equal settings, or both never fuse with the same main member (DEEPEN at eta 0, a gate
+        at 0, the member alone): the same texts, token for token (tests/test_eval.py)."""
+        (ma, fa), (mb, fb) = self.fusers[a], self.fusers[b]
+        return same_decoding(fa, fb) or (never_fuses(fa) and never_fuses(fb) and ma[0] is mb[0])
+
     def copy_generation(self, method: str, twin: str):
         """`method` decodes exactly as `twin`, which this run has just finished: its rows are
         the twin's texts and answers, scored again, marked `decoded_as`. No time is spent."""
@@ -172,7 +177,7 @@ class Evaluation:
                                              **{k: r[k] for k in keep if k in r}))
         finally:
             writer.close()
-        self.log(f"{method}: the same decoding as {twin} (equal weights and settings); its texts reused")
+        self.log(f"{method}: the same decoding as {twin} (equal settings, or neither fuses); its texts reused")
         self.summarize(method, 0.0, extra={"decoded_as": twin})
 
     # -- a variant: DEEPEN over the option letters only

@@ -7,6 +7,10 @@ the file and the key (`ConfigError: configs/x.toml: members[1].tp_size: must be 
     eta = 0.15                    # relative ensemble learning rate; 0 turns fusion off
     steps = 5                     # T, search iterations per token
     mode = "fast"                 # "fast" | "exact"
+    method = "deepen"             # "deepen" | "unite" | "gac" (docs/methods.md)
+    unite_k = 10                  # UniTE: each member's top-k tokens form the union
+    gate = 1.0                    # fuse only where the gate member's top probability is <= gate
+    gate_member = "gemma3-270m"   # the member whose confidence gates (default: the main member)
 
     [anchors]                     # optional
     max_anchors = 0               # 0 = the full intersection (the paper's best setting)
@@ -38,6 +42,7 @@ from pathlib import Path
 from .catalog import PYPI_MODELS, TINY_MODELS
 
 DTYPES = ("float32", "bfloat16", "float16")
+METHODS = ("deepen", "unite", "gac")
 ROW_PRODUCTS = ("auto", "fp32", "bf16")
 
 
@@ -79,6 +84,16 @@ class EnsembleConfig:
     mode: str = "fast"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     path: Path | None = None
+    method: str = "deepen"        # "deepen" | "unite" | "gac" (docs/methods.md)
+    unite_k: int = 10             # UniTE: the top-k of each member whose union is scored
+    gate: float = 1.0             # fuse only where the gate member's top probability <= gate (1: always)
+    gate_member: str | None = None  # the member whose confidence gates; None: the main member
+
+    @property
+    def gate_index(self) -> int:
+        """The gate member's place in `ordered_members` (0: the main member)."""
+        names = [m.name for m in self.ordered_members]
+        return names.index(self.gate_member) if self.gate_member else 0
 
     @property
     def ordered_members(self) -> list[MemberConfig]:
@@ -216,6 +231,18 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
     mode = ens.get("mode", str, "fast")
     if mode not in ("fast", "exact"):
         ens.fail("mode", f"must be \"fast\" or \"exact\", got {mode!r}")
+    method = ens.get("method", str, "deepen")
+    if method not in METHODS:
+        ens.fail("method", f"must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
+    unite_k = ens.get("unite_k", int, 10)
+    if unite_k < 1:
+        ens.fail("unite_k", f"must be a positive integer, got {unite_k}")
+    gate = ens.get("gate", float, 1.0)
+    if not 0 <= gate <= 1:
+        ens.fail("gate", f"must be a probability in [0, 1] (1: fuse every row, 0: none), got {gate}")
+    gate_member = ens.get("gate_member", str, None)
+    if gate_member is not None and gate_member not in names:
+        ens.fail("gate_member", f"no member named {gate_member!r} (members: {', '.join(names)})")
     ens.finish()
 
     max_anchors = anc.get("max_anchors", int, 0)
@@ -238,7 +265,8 @@ def parse_config(data: dict, where: str = "<config>", base: Path = Path("."),
     anc.finish()
     return EnsembleConfig(members, main, weights, eta, steps, mode,
                           AnchorConfig(max_anchors, row_cache, mass_epsilon, max_support, skip_decided,
-                                       row_product, skip_agreeing, split_fusion))
+                                       row_product, skip_agreeing, split_fusion),
+                          None, method, unite_k, gate, None if gate_member == main else gate_member)
 
 
 def _explicit_weights(ens: _Reader, weights: dict, names: list[str]) -> dict[str, float]:
@@ -284,6 +312,5 @@ def load_config(path: str | Path, check_sources: bool = True) -> EnsembleConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    config = parse_config(data, str(path), path.resolve().parent, check_sources)
-    return EnsembleConfig(config.members, config.main, config.weights, config.eta, config.steps,
-                          config.mode, config.anchors, path)
+    import dataclasses
+    return dataclasses.replace(parse_config(data, str(path), path.resolve().parent, check_sources), path=path)

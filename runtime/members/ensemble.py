@@ -8,7 +8,12 @@ import torch
 
 from ..deepen.anchors import build_anchor_cache, cached_entry, exact_transfers, load_transfers
 from ..deepen.fusion import FastSettings, Fuser
+from ..deepen.gac import GaCFuser
+from ..deepen.gate import Gate
 from ..deepen.search import SearchSettings
+from ..deepen.union import build_union, cached_union, load_union, save_union
+from ..deepen.unite import UniTEFuser
+from ..deepen.vocab import byte_fallback_ids, token_bytes
 from ..jobs.progress import Progress
 from .config import EnsembleConfig, MemberConfig
 from .devices import check_dtype, row_product_dtype
@@ -70,7 +75,10 @@ def load_members(config: EnsembleConfig, with_models: bool = True, home: Path | 
 
 def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | None = None,
                   progress: bool = True, log=print, build: bool = True, device="cpu") -> Path:
-    """The cache entry for this ensemble's anchors and transfers, built if missing."""
+    """The cache entry this ensemble's fuser loads, built if missing: the anchors and transfers
+    (DEEPEN), or the union vocabulary's maps (UniTE, GaC: union_entry)."""
+    if config.method != "deepen":
+        return union_entry(config, members, home, log, build)
     root = anchors_root(home)
     prints = [m.fingerprint for m in members]
     entry = cached_entry(prints, config.anchors.max_anchors, root)
@@ -90,11 +98,69 @@ def anchors_entry(config: EnsembleConfig, members: list[Member], home: Path | No
                                   (lambda total, desc: Progress(total, desc, "tokens")) if progress else None, device)
 
 
+# end-of-text tokens GaC counts as EOS whatever the member (gac_gen_utils.py's eos_token_list)
+END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<|end|>")
+
+
+def end_of_text_ids(tokenizer) -> list[int]:
+    """The member's EOS id first, then its other end-of-text special tokens."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(tokenizer.all_special_ids)
+    return ids + [vocab[t] for t in END_OF_TEXT if t in vocab and vocab[t] not in ids and vocab[t] in special]
+
+
+def first_tokens(tokenizer):
+    """texts -> the first id of the member's own encoding of each text, as a piece of running text
+    (no special tokens, no start-of-text effects: the window tokenizer of engine/retokenize.py
+    where there is one), -1 where it is the unknown token."""
+    from ..engine.retokenize import policy_for
+    window = policy_for(tokenizer).window
+    unk = tokenizer.unk_token_id
+
+    def first(texts: list[str]) -> list[int]:
+        if window is not None:
+            encoded = [e.ids for e in window.encode_batch(texts, add_special_tokens=False)]
+        else:   # GaC's way: encode after a prefix and drop the prefix's tokens
+            head = tokenizer(";", add_special_tokens=False)["input_ids"]
+            encoded = [ids[len(head):] if ids[:len(head)] == head else ids
+                       for ids in tokenizer([";" + t for t in texts], add_special_tokens=False)["input_ids"]]
+        return [ids[0] if ids and ids[0] != unk else -1 for ids in encoded]
+    return first
+
+
+def union_entry(config: EnsembleConfig, members: list[Member], home: Path | None = None, log=print,
+                build: bool = True) -> Path:
+    """The cache entry of the members' union vocabulary (deepen/union.py), built if missing (a few
+    seconds: every member's token bytes, and its first token of every string it has no token for)."""
+    root = anchors_root(home) / "union"
+    prints = [m.fingerprint for m in members]
+    entry = cached_union(prints, root)
+    if entry is not None:
+        return entry
+    if not build:
+        raise FileNotFoundError(f"no union vocabulary for this member set in {root}: run "
+                                f"`deepen anchors build {config.path or 'CONFIG'}` first")
+    log("building the members' union vocabulary (once per member set)")
+    tokenizers = [m.tokenizer for m in members]
+    maps = build_union([token_bytes(t) for t in tokenizers], [end_of_text_ids(t) for t in tokenizers],
+                       [byte_fallback_ids(t) for t in tokenizers], [first_tokens(t) for t in tokenizers])
+    return save_union(maps, [m.name for m in members], prints, root)
+
+
 def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode: str | None = None,
-               adapt_weights: dict[str, float] | None = None, only: int | None = None) -> Fuser:
+               adapt_weights: dict[str, float] | None = None, only: int | None = None):
     """`only`: load just that member's transfer (a leader in the distributed runtime). Each
-    transfer goes to its member's device; the fusion math runs there, in fp32."""
+    transfer goes to its member's device; the fusion math runs there, in fp32. UniTE and GaC
+    (config.method) load the union maps, every member's (a few MB)."""
     mode = mode or config.mode
+    gate = Gate(config.gate, config.gate_index)
+    if config.method != "deepen":
+        maps = load_union(entry).to([m.device for m in members])
+        weights, eos = config.member_weights(adapt_weights), members[0].eos_token_id
+        if config.method == "unite":
+            return UniTEFuser(maps, weights, config.unite_k, gate, mode, eos)
+        return GaCFuser(maps, weights, gate, mode, eos, config.anchors.mass_epsilon, config.anchors.max_support)
     transfers = load_transfers(entry, config.anchors.row_cache, only, [m.device for m in members])
     if mode == "exact":
         transfers = [t if t is None else exact_transfers([t])[0] for t in transfers]
@@ -105,7 +171,7 @@ def make_fuser(config: EnsembleConfig, members: list[Member], entry: Path, mode:
     return Fuser(transfers, config.member_weights(adapt_weights),
                  SearchSettings(eta=config.eta, steps=config.steps), mode,
                  FastSettings(a.mass_epsilon, a.max_support, a.skip_decided, a.skip_agreeing, a.split_fusion),
-                 members[0].eos_token_id)
+                 members[0].eos_token_id, gate)
 
 
 def single_fuser(members: list[Member]) -> Fuser:
