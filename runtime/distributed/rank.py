@@ -150,7 +150,7 @@ class Rank:
                     log_line(f"{host_label()}: anchors: built {entry.name} in {time.perf_counter() - t0:.1f} s")
                 found = {"key": entry.name, "error": None}
                 # summaries carry token ids as fp32 (deepen/summary.py): checked here, for every rank
-                if shares_rows(cfg.mode, cfg.anchors.split_fusion, len(w.layout.leaders)):
+                if cfg.method == "deepen" and shares_rows(cfg.mode, cfg.anchors.split_fusion, len(w.layout.leaders)):
                     for name, size in zip(anchor_info(entry)["members"], anchor_info(entry)["vocab_sizes"]):
                         if size > EXACT_IDS:
                             found["error"] = (f"{cfg.path}: anchors.split_fusion: member {name!r} has {size} tokens, "
@@ -161,8 +161,9 @@ class Rank:
         found = broadcast_message(found)
         if found["error"]:
             stop_all([found["error"]])
-        return share_entry(found["key"], anchors_root(), self.timeout,
-                           log=lambda m: log_line(f"{host_label()}: {m}"))
+        union = cfg.method != "deepen"   # UniTE, GaC: the union maps (members/ensemble.py union_entry)
+        return share_entry(found["key"], anchors_root() / "union" if union else anchors_root(), self.timeout,
+                           log=lambda m: log_line(f"{host_label()}: {m}"), marker="union.json" if union else "anchors.json")
 
     def load(self):
         """This rank's member, sharded over its group, and (leaders) its relative transfer."""

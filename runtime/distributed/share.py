@@ -46,7 +46,7 @@ def _send(entry: Path, group):
     broadcast_message({"name": None}, 0, group)
 
 
-def _receive(root: Path, key: str, group, timeout: float):
+def _receive(root: Path, key: str, group, timeout: float, marker: str):
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root))
     try:
@@ -61,7 +61,7 @@ def _receive(root: Path, key: str, group, timeout: float):
                     f.write(data.numpy())
         tmp.chmod(0o755)
         with CacheLock(root / ".locks" / "build", timeout=timeout):
-            if not (root / key / "anchors.json").is_file():
+            if not (root / key / marker).is_file():
                 if (root / key).exists():
                     shutil.rmtree(root / key)
                 os.replace(tmp, root / key)
@@ -69,11 +69,12 @@ def _receive(root: Path, key: str, group, timeout: float):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def share_entry(key: str, root: Path, timeout: float, log=None) -> Path:
+def share_entry(key: str, root: Path, timeout: float, log=None, marker: str = "anchors.json") -> Path:
     """Collective: every rank calls it once rank 0 holds `root / key`. Returns this rank's local
-    copy of the entry, sent from rank 0 to the hosts that lacked it."""
+    copy of the entry, sent from rank 0 to the hosts that lacked it. `marker`: the file a complete
+    entry has (anchors.json; union.json for UniTE's and GaC's union maps)."""
     first = local_rank() in (0, None)
-    have = (root / key / "anchors.json").is_file() if first else True
+    have = (root / key / marker).is_file() if first else True
     seen = gather_messages({"have": have, "host": host_label()})
     receivers = [r for r, m in enumerate(seen) if not m["have"]]
     if receivers:
@@ -87,7 +88,7 @@ def share_entry(key: str, root: Path, timeout: float, log=None) -> Path:
                 hosts = ", ".join(seen[r]["host"] for r in receivers)
                 log(f"anchors: sent {key} ({size:.0f} MB) to {hosts} in {time.perf_counter() - t0:.1f} s")
         elif rank in receivers:
-            _receive(root, key, group, timeout)
+            _receive(root, key, group, timeout, marker)
     dist.barrier()   # every host has the entry before any rank reads it
     return root / key
 
