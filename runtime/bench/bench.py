@@ -176,7 +176,9 @@ def _summary(runs: list[dict]) -> dict:
     forward = sum(v for k, v in breakdown.items() if k.startswith(("forward:", "prefill:")))
     steps = max(runs[0]["steps"], 1)
     return {"tokens_per_s": spread([r["tokens_per_s"] for r in runs]),
-            "host_s_per_step": host_seconds(breakdown, total) / steps,
+            # per run, then the median: a residual of medians taken part by part is noise where
+            # prefill dominates (long prompts), even below zero
+            "host_s_per_step": statistics.median(host_seconds(r["breakdown_s"], r["seconds"]) for r in runs) / steps,
             "resync_s_per_step": breakdown.get("resync", 0.0) / steps,
             "forward_s_per_step": forward / steps,
             "fusion_s_per_step": sum(breakdown.get(k, 0.0) for k in FUSION_PARTS) / steps,
