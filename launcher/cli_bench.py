@@ -257,7 +257,7 @@ def measure_forward(config, member, contexts, batch, new_tokens, repeat, output,
     result = {"config": config, "member": chosen.name, "cpu": cpu_flags(), "rows": rows}
     if output:
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
-    click.echo(f"CPU: {result['cpu']}" + ("; times are CPU time of one thread (--clock cpu)" if clock == "cpu" else ""))
+    click.echo(f"CPU: {result['cpu']}")
     click.echo(forward_table(rows))
     if plot_path:
         click.echo(f"plot: {forward_plot(result, plot_path)}")
