@@ -96,6 +96,8 @@ def test_a_rank_killed_on_the_second_host_stops_both_hosts_naming_it(first_use, 
     assert "deepen: rank 0 (member 'tiny-sp', leader)" in log_a and named in log_a, log_a[-3000:]
     assert "deepen: rank 2 (member 'tiny-bpe', leader)" in log_b and named in log_b, log_b[-3000:]
     assert 3 <= len(read_jsonl(out)) < 30
+    print("\n" + "\n".join(f"host {h}: {line}" for h, log in (("a", log_a), ("b", log_b))
+                            for line in log.splitlines() if line.startswith("deepen:")))
 
 
 def test_a_member_missing_on_one_host_stops_both_hosts_at_once_in_one_line(first_use, tmp_path):
