@@ -126,14 +126,33 @@ def host_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def host_plot(result: dict, path):
-    """Host ms per step against context length, one line per batch size: the ensemble (solid)
-    and its members alone, summed (dashed)."""
+def _axes():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(6, 4))
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path, legend: int = 8):
+    """Log-2 x axis from the first length, y from 0, the legend; written and closed."""
+    import matplotlib.pyplot as plt
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def host_plot(result: dict, path):
+    """Host ms per step against context length, one line per batch size: the ensemble (solid)
+    and its members alone, summed (dashed)."""
     rows = [r for r in result["batches"] if r.get("context") and r.get("host_path", "incremental") == "incremental"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _axes()
     for batch in sorted({r["batch"] for r in rows}):
         mine = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["context"])
         x = [r["context"] for r in mine]
@@ -142,35 +161,16 @@ def host_plot(result: dict, path):
         if all(r.get("members_host_s_per_step") for r in mine):
             ax.plot(x, [1e3 * r["members_host_s_per_step"] for r in mine], marker="s", linestyle="--",
                     color=line.get_color(), label=f"members alone (sum), batch {batch}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (tokens of the main member)")
-    ax.set_ylabel("host work per step (ms)")
-    ax.set_title(f"Host work per step: {result.get('config', '')}")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "prompt length (tokens of the main member)", "host work per step (ms)",
+                 f"Host work per step: {result.get('config', '')}", path, legend=7)
 
 
 def forward_plot(result: dict, path):
     """ms per decode step against context length: our engine and transformers' `generate`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = result["rows"]
     x = [r["tokens"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _axes()
     ax.plot(x, [r["engine_ms"] for r in rows], marker="o", label="our engine (member alone)")
     ax.plot(x, [r["generate_ms"] for r in rows], marker="s", linestyle="--", label="transformers generate")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("forward pass per decode step (ms)")
-    ax.set_title(f"{result['member']}, batch {rows[0]['batch']}")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "context (tokens)", "forward pass per decode step (ms)",
+                 f"{result['member']}, batch {rows[0]['batch']}", path)
