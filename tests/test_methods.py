@@ -175,8 +175,9 @@ def test_include_reads_the_fused_probability_of_chosen_ids(tiny, union, vocabs):
 
 @pytest.mark.real
 def test_the_real_pairs_steps_match_the_restated_references():
-    """Gemma-3 (main) + SmolLM2 decoding 32 TriviaQA questions (0-shot), up to 32 tokens, through
-    the engine with GaC (fast mode); at every step, every row checked (at least 500): GaC fast (the
+    """Gemma-3 (main) + SmolLM2 decoding 16 TriviaQA questions (0-shot), up to 32 tokens, through
+    the engine with GaC (fast mode); at every step, every row checked (at least 300; with the 512
+    random rows of each method's own test, over 800 steps per method): GaC fast (the
     engine's choice) and GaC exact against GaC's re-statement, fast wherever it does not count the
     row undecided, and UniTE on the same logits against UniTE's."""
     from runtime.bench.measure import zero_shot_prompts
@@ -205,8 +206,8 @@ def test_the_real_pairs_steps_match_the_restated_references():
                          int(other[r]), ref.unite(vocabs, row, unite.weights, unite.k)[0]))
         return result
     fuser.finish = checked
-    Engine(members, fuser, 16).run([Request(i, p, 32) for i, p in enumerate(zero_shot_prompts(32))])
-    assert len(seen) >= 500
+    Engine(members, fuser, 16).run([Request(i, p, 32) for i, p in enumerate(zero_shot_prompts(16))])
+    assert len(seen) >= 300
     assert [s[1] for s in seen] == [s[2] for s in seen]                 # GaC exact: every row
     assert all(s[0] == s[2] or s[3] for s in seen)                       # GaC fast: every decided row
     assert [s[4] for s in seen] == [s[5] for s in seen]                 # UniTE: every row

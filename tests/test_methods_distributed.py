@@ -31,14 +31,23 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
+def home(tiny, tmp_path_factory):
+    """The session's tiny home (members built once); each method's config and union maps."""
+    configs = tmp_path_factory.mktemp("configs")
     for method, (base, extra, *_rest) in RUNS.items():
         text = (ROOT / base).read_text().replace('mode = "exact"', f'mode = "fast"\nmethod = "{method}"\n{extra}')
-        (home / f"{method}.toml").write_text(text)
-        subprocess.run([sys.executable, "-m", "launcher.cli", "anchors", "build", str(home / f"{method}.toml")],
-                       cwd=ROOT, env=env(home), check=True, capture_output=True)
-    return home
+        (configs / f"{method}.toml").write_text(text)
+        cli(tiny.home, "anchors", "build", str(configs / f"{method}.toml"))
+    return tiny.home, configs
+
+
+def cli(home, *args):
+    """A `deepen` command in this process (click's runner): no interpreter start-up per call."""
+    from click.testing import CliRunner
+
+    from launcher.cli import main
+    result = CliRunner().invoke(main, list(args), env={"DEEPEN_HOME": str(home)}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output[-3000:]
 
 
 def env(home):
@@ -50,16 +59,16 @@ def test_a_method_under_the_launcher_gives_the_single_process_results(home, tmp_
     """Same completions (and samples and log-probabilities), finish reasons and fused steps; the same
     rows, fused rows, tokens, neglected mass; the bytes the main leader received per row."""
     _, _, ranks, options, micro = RUNS[method]
-    config = str(home / f"{method}.toml")
+    home, configs = home
+    config = str(configs / f"{method}.toml")
     inp = tmp_path / "in.jsonl"
     with open(inp, "w") as f:
         for i in range(7):
             f.write(json.dumps({"id": i, "prompt": f"{WORDS[i % 8]} {WORDS[(i * 5) % 8]} reads",
                                 "max_new_tokens": 8 + i % 5}) + "\n")
     single, single_stats = tmp_path / "single.jsonl", tmp_path / "single-stats.json"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--config", config, "--input", str(inp),
-                    "--output", str(single), "--stats", str(single_stats), *options], cwd=ROOT,
-                   env=env(home), check=True, capture_output=True)
+    cli(home, "generate", "--config", config, "--input", str(inp), "--output", str(single), "--stats",
+        str(single_stats), *options)
     multi, stats = tmp_path / "multi.jsonl", tmp_path / "stats.json"
     batch = ["--batch", str(3 * micro)] + options[2:]
     proc = subprocess.Popen([DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
