@@ -155,7 +155,6 @@ def test_include_reads_the_fused_probability_of_chosen_ids(tiny, union, vocabs):
     maps = load_union(entry)
     logits = list(random_steps(tiny, 1, seed=3))[0]
     include = torch.tensor([10, 20, 30])
-    u = ref.Union(vocabs)
     got = GaCFuser(maps, [1 / 3] * 3).step(logits, include=include).include_logits
     for r in range(len(logits[0])):
         merged = {}
