@@ -11,15 +11,13 @@ rules and the search on the main member (`decide`).
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .gate import Gate
-from .protocol import LOCAL, Pending, StepResult, begin, compute, finish
+from .protocol import LOCAL, Pending, Phases, StepResult, begin, compute, finish
 from .search import SearchSettings, candidate_margin, search_exact, search_fast
 from .summary import relative_from, summarize
 
@@ -42,7 +40,7 @@ class FastSettings:
     split_fusion: bool = False   # several leaders (the launcher): each fuses a share of the rows (split.py)
 
 
-class Fuser:
+class Fuser(Phases):
     """Holds the members' transfer objects and the settings; `step` fuses one decoding step.
 
     Member 0 of `transfers`/`weights` is the main model. In the distributed runtime a rank
@@ -65,7 +63,6 @@ class Fuser:
         self.decided_rows = 0   # rows skipped because their token was decided (fast mode)
         self.agreeing_rows = 0  # rows skipped because every member's argmax agreed (skip_agreeing)
         self.rows_fused_here = 0   # rows whose search ran in this process (split.py shares them out)
-        self.clock = time.perf_counter   # what `timed` measures with (the bench may use CPU time)
         self._anchor_column: dict[int, torch.Tensor] = {}
 
     def reset_counts(self):
@@ -78,14 +75,6 @@ class Fuser:
         for transfer in self.transfers:
             if hasattr(transfer, "forget_rows"):
                 transfer.forget_rows()
-
-    @contextmanager
-    def timed(self, part: str):
-        t0 = self.clock()
-        try:
-            yield
-        finally:
-            self.seconds[part] += self.clock() - t0
 
     def member_relative(self, i: int, logits: torch.Tensor):
         """Member i's relative vectors (B x |A|) and the probability mass fast mode neglected
@@ -147,21 +136,6 @@ class Fuser:
             self.agreeing_rows = self.agreeing_rows + agreeing.sum()
             fuse &= ~agreeing
         return fuse
-
-    def step(self, member_logits, skip: torch.Tensor | None = None, include: torch.Tensor | None = None,
-             exchange=LOCAL, memo: dict | None = None, batch: int | None = None, sampler=None) -> StepResult:
-        """The per-step protocol (module doc). member_logits: a list (every member, main first)
-        or {member index: (B, |V_i|) last-position logits} of the members this process fuses
-        for. `skip` marks rows that must not be fused. `include`: main-model ids whose final
-        logits the caller wants (a choice-constrained answer). `memo`: a dict shared by fusers
-        with the same transfers, so their relative vectors are computed once (the caller
-        clears it when the logits change). `batch`: the number of rows, for a process that
-        holds no logits (a tensor-parallel rank that is no member's leader). `sampler`
-        (engine/sampling.py): draws sampled rows' tokens from the final logits and reports
-        log-probabilities, where the tokens are decided (the main leader)."""
-        pending = self.begin(member_logits, skip, include, exchange, memo, batch, sampler)
-        self.compute(pending)
-        return self.finish(pending)
 
     def begin(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
               sampler=None) -> Pending:

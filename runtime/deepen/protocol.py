@@ -34,6 +34,8 @@ the members' union vocabulary (union.py) instead of relative space:
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +82,36 @@ class LocalExchange:
 
 LOCAL = LocalExchange()
 
+
+
+class Phases:
+    """What every fuser shares (DEEPEN's `fusion.Fuser`, UniTE's and GaC's `tokenspace.py`): `step`
+    runs its three phases back to back, and `timed` adds a part's time to `self.seconds`, measured
+    with `self.clock` (the bench may set CPU time)."""
+    clock = staticmethod(time.perf_counter)
+
+    def step(self, member_logits, skip=None, include=None, exchange=None, memo=None, batch=None,
+             sampler=None) -> StepResult:
+        """The per-step protocol (module doc). member_logits: a list (every member, main first)
+        or {member index: (B, |V_i|) last-position logits} of the members this process fuses
+        for. `skip` marks rows that must not be fused. `include`: main-model ids whose final
+        logits the caller wants (a choice-constrained answer). `memo`: a dict shared by fusers
+        with the same transfers, so their relative vectors are computed once (the caller
+        clears it when the logits change). `batch`: the number of rows, for a process that
+        holds no logits (a tensor-parallel rank that is no member's leader). `sampler`
+        (engine/sampling.py): draws sampled rows' tokens from the final logits and reports
+        log-probabilities, where the tokens are decided (the main leader)."""
+        pending = self.begin(member_logits, skip, include, exchange or LOCAL, memo, batch, sampler)
+        self.compute(pending)
+        return self.finish(pending)
+
+    @contextmanager
+    def timed(self, part: str):
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.seconds[part] += self.clock() - t0
 
 class WholeStep:
     """A one-process fuser that defines only `step` (minED, the bench's comparing fuser) gets

@@ -11,17 +11,15 @@ to the id the main member would emit for it); a row not fused reads the main mem
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 
 from .gate import Gate
-from .protocol import LOCAL, Pending, StepResult, begin_union, compute_union, finish_union
+from .protocol import LOCAL, Pending, Phases, StepResult, begin_union, compute_union, finish_union
 
 
-class TokenSpaceFuser:
+class TokenSpaceFuser(Phases):
     method = ""
     transfers = ()   # no relative transfers (the launcher checks a DEEPEN fuser's)
 
@@ -35,7 +33,6 @@ class TokenSpaceFuser:
         self.decided_rows = self.agreeing_rows = 0   # DEEPEN's skips: none here (engine reports)
         self.rows_fused_here = 0
         self.partial_rows = 0   # fused rows whose chosen string is no main-member token (first token emitted)
-        self.clock = time.perf_counter   # what `timed` measures with (the bench may use CPU time)
 
     def reset_counts(self):
         self.seconds.clear()
@@ -43,14 +40,6 @@ class TokenSpaceFuser:
 
     def forget_rows(self):
         pass
-
-    @contextmanager
-    def timed(self, part: str):
-        t0 = self.clock()
-        try:
-            yield
-        finally:
-            self.seconds[part] += self.clock() - t0
 
     def rows_to_fuse(self, main_logits: torch.Tensor, skip: torch.Tensor | None,
                      gated: torch.Tensor | None) -> torch.Tensor:
@@ -61,14 +50,6 @@ class TokenSpaceFuser:
         return fuse if gated is None else fuse & ~gated
 
     # ---- the three phases (protocol.py) -----------------------------------------------------------
-
-    def step(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
-             sampler=None) -> StepResult:
-        """`Fuser.step`'s contract: member_logits main first (a list, or {member index: logits} of
-        the members this process runs); `skip`, `include`, `sampler` as there."""
-        pending = self.begin(member_logits, skip, include, exchange, memo, batch, sampler)
-        self.compute(pending)
-        return self.finish(pending)
 
     def begin(self, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
               sampler=None) -> Pending:
