@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,23 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path):
             f.write(memoryview(t.contiguous().numpy()).cast("B"))
 
 
+@contextmanager
+def new_entry(root: Path, key: str):
+    """A cache entry written atomically: yields a temporary folder beside root/<key>; when the
+    block ends without an error, the folder replaces root/<key> (anchors here, the union maps in
+    union.py); otherwise it is removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=root))
+    try:
+        yield tmp
+        if (root / key).exists():
+            shutil.rmtree(root / key)
+        os.replace(tmp, root / key)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: list,
                        load_embedding: list, max_anchors: int, out_root: Path,
                        progress=None, device="cpu") -> Path:
@@ -63,9 +81,7 @@ def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: li
     if anchor_ids.shape[1] == 0:
         raise ValueError("the members' vocabularies share no token: no anchors")
     vocab_sizes = []
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=out_root))
-    try:
+    with new_entry(out_root, key) as tmp:
         for i, name in enumerate(names):
             emb = load_embedding[i]().to(device)
             vocab_sizes.append(int(emb.shape[0]))
@@ -82,12 +98,6 @@ def build_anchor_cache(names: list[str], fingerprints: list[str], tokenizers: li
                 "vocab_sizes": vocab_sizes,
                 "usable_tokens": [sum(b is not None for b in v) for v in vocabs]}
         (tmp / "anchors.json").write_text(json.dumps(info, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

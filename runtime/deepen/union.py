@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .anchors import new_entry
 from .vocab import ids_by_bytes
 
 FORMAT = 1
@@ -134,10 +132,7 @@ def cached_union(fingerprints: list[str], root: Path) -> Path | None:
 def save_union(maps: UnionMaps, names: list[str], fingerprints: list[str], root: Path) -> Path:
     """Written atomically under root/<key>."""
     key = union_key(fingerprints)
-    out = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=root))
-    try:
+    with new_entry(root, key) as tmp:
         tensors = {}
         for i in range(len(names)):
             tensors.update({f"to_union.{i}": maps.to_union[i], f"from_union.{i}": maps.from_union[i],
@@ -148,13 +143,7 @@ def save_union(maps: UnionMaps, names: list[str], fingerprints: list[str], root:
                 "first_token": [int(((f >= 0) & ~e).sum()) for f, e in zip(maps.from_union, maps.exact)],
                 "none": [int((f < 0).sum()) for f in maps.from_union]}
         (tmp / "union.json").write_text(json.dumps(info, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return root / key
 
 
 def load_union(entry: Path, device="cpu") -> UnionMaps:
