@@ -145,13 +145,19 @@ class Pending:
     local: dict = field(default_factory=dict)  # token-space methods: what stays in this process
 
 
+def _pending(member_logits, batch, exchange, include, memo, sampler) -> Pending:
+    """A step's state: the members' logits as {member index: logits} (a list: every member, main
+    first) and the number of rows."""
+    logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
+    batch = batch if batch is not None else len(next(iter(logits.values())))
+    return Pending(logits, batch, exchange, include, memo, sampler)
+
+
 def begin(fuser, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
           sampler=None) -> Pending:
     """Rules, rows and (rows shared out) the summaries: the phase's collectives, in order."""
-    logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
-    batch = batch if batch is not None else len(next(iter(logits.values())))
-    p = Pending(logits, batch, exchange, include, memo, sampler)
-    main = logits.get(0)
+    p = _pending(member_logits, batch, exchange, include, memo, sampler)
+    logits, batch, main = p.logits, p.batch, p.logits.get(0)
     with fuser.timed("rules"):
         agree = fuser.members_agree(logits, exchange, batch)
         gated = gated_rows(fuser.gate, logits, exchange, batch)
@@ -214,10 +220,8 @@ def finish(fuser, p: Pending) -> StepResult:
 def begin_union(fuser, member_logits, skip=None, include=None, exchange=LOCAL, memo=None, batch=None,
                 sampler=None) -> Pending:
     """Rules, rows and (UniTE) every member's top-k entries, on every leader."""
-    logits = dict(enumerate(member_logits)) if isinstance(member_logits, (list, tuple)) else member_logits
-    batch = batch if batch is not None else len(next(iter(logits.values())))
-    p = Pending(logits, batch, exchange, include, memo, sampler)
-    main = logits.get(0)
+    p = _pending(member_logits, batch, exchange, include, memo, sampler)
+    logits, batch, main = p.logits, p.batch, p.logits.get(0)
     with fuser.timed("rules"):
         gated = gated_rows(fuser.gate, logits, exchange, batch)
         if main is not None:
