@@ -12,14 +12,15 @@ import click
 from runtime.members.config import load_config
 from runtime.members.devices import pick_device
 
-from .common import Command, Group, echo_err, sampling_from
+from .common import Command, Group, echo_err, positive_ints, sampling_from
 
 device_option = click.option("--device", help="cpu, cuda or cuda:N (default: CUDA if present)")
 
 @click.command("bench", cls=Command)
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--batch", default="1,8,32", show_default=True, help="comma-separated batch sizes")
-@click.option("--context", "contexts", default=None,
+@click.option("--batch", callback=positive_ints, default="1,8,32", show_default=True,
+              help="comma-separated batch sizes")
+@click.option("--context", "contexts", callback=positive_ints, default=None,
               help="comma-separated prompt lengths in tokens of the main member (e.g. 64,1024,4096): every "
                    "batch size runs at each, on the bench prompts grown (earlier prompts before them) or cut to it")
 @click.option("--host-path", "host_paths", default="incremental", show_default=True,
@@ -212,7 +213,8 @@ def measure_equality(config, n_prompts, new_tokens, batch, output, device):
 
 @measure.command("step")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--batch", default="1,8", show_default=True, help="comma-separated batch sizes")
+@click.option("--batch", callback=positive_ints, default="1,8", show_default=True,
+              help="comma-separated batch sizes")
 @click.option("--steps", default=12, show_default=True, help="decode steps per batch size")
 @click.option("--output", type=click.Path(dir_okay=False), help="write the summary JSON here")
 @device_option
@@ -233,7 +235,7 @@ def measure_step(config, batch, steps, output, device):
 @measure.command("forward")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
 @click.option("--member", default=None, help="the member to time (default: the main member)")
-@click.option("--context", "contexts", default="64,256,1024,2048,4096", show_default=True,
+@click.option("--context", "contexts", callback=positive_ints, default="64,256,1024,2048,4096", show_default=True,
               help="comma-separated prompt lengths in the member's tokens")
 @click.option("--batch", default=8, show_default=True)
 @click.option("--new-tokens", default=16, show_default=True)

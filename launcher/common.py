@@ -70,3 +70,17 @@ def sampling_from(temperature, top_p, top_k, n, logprobs):
         return SamplingParams(temperature, top_p, top_k, None, n, logprobs).check()
     except ValueError as e:
         raise ValueError(re.sub(r"field '(\w+)'", lambda m: "--" + {"n": "samples"}.get(m.group(1), m.group(1)).replace("_", "-"), str(e))) from None
+
+
+def positive_ints(ctx, param, value):
+    """click callback: a comma-separated list of positive integers (batch sizes, prompt lengths),
+    checked before anything loads; the value is passed on as given."""
+    if value is None:
+        return value
+    try:
+        ok = all(int(v) > 0 for v in str(value).split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}")
+    return value

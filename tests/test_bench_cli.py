@@ -47,13 +47,24 @@ def test_measure_forward_times_our_engine_and_generate_at_each_length(tiny, tmp_
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
-def test_measure_round_trips_gives_the_ensembles_own_count(tiny, tmp_path):
-    batch = 2
+def test_measure_round_trips_counts_the_ensemble_and_each_member_alone(tiny, tmp_path):
     out = tmp_path / "rt.json"
-    invoke(tiny, "measure", "round-trips", "--config", CONFIG, "--batch", str(batch), "--new-tokens", "3",
+    invoke(tiny, "measure", "round-trips", "--config", CONFIG, "--batch", "2", "--new-tokens", "3",
            "--output", str(out))
     result = json.loads(out.read_text())
-    members = result["members"]
-    assert set(members) == {m.name for m in tiny.members}
-    own = result["ensemble"]["per_step"] - sum(m["per_step"] for m in members.values())
-    assert result["ensemble_own"] == pytest.approx(own)
+    assert set(result["members"]) == {m.name for m in tiny.members}
+    for counted in (result["ensemble"], *result["members"].values()):
+        # every step brings its chosen tokens to the host once (Engine.end_step's tolist)
+        assert counted["steps"] > 0 and counted["tolist"] >= 1 and counted["per_step"] >= counted["tolist"]
+    assert "ensemble_own" in result
+
+
+def test_bench_and_measure_forward_name_a_bad_length_list_before_loading_anything(tiny):
+    from click.testing import CliRunner
+
+    from launcher.cli import main
+    for args, option in ((["bench", "--context", "64,x"], "--context"), (["bench", "--batch", "0"], "--batch"),
+                         (["measure", "forward", "--context", "abc"], "--context")):
+        result = CliRunner().invoke(main, [*args, "--config", CONFIG], env={"DEEPEN_HOME": str(tiny.home)})
+        assert result.exit_code == 2
+        assert f"Invalid value for '{option}': expected comma-separated positive integers" in result.output
