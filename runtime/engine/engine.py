@@ -260,12 +260,20 @@ class Engine:
 
     def advance(self, slots: list[int], texts: list[str], changed: list[int | None]):
         """Every lane takes the step's tokens and runs one forward pass over what is new: the
-        main member appends its chosen ids as they are; assists resync from the text."""
+        main member appends its chosen ids as they are; assists resync from the text.
+
+        The main member's forward pass goes first (on a device it runs while the host works on),
+        then every assist's resync, one after another (the tokenizers' code and tables stay in the
+        host's caches: a resync just after a forward pass takes twice as long), then their passes."""
+        assists = []
         for i, lane in self.lanes.items():
             if i == 0:
                 pending = self._timed("append", lane.append, slots, [self.slots[s].ids[-1] for s in slots])
+                if slots:
+                    self._timed(f"forward:{lane.member.name}", lane.forward, slots, pending)
             else:
-                pending = self._timed("resync", lane.sync, slots, texts, changed)
+                assists.append((lane, self._timed("resync", lane.sync, slots, texts, changed)))
+        for lane, pending in assists:
             if slots:
                 self._timed(f"forward:{lane.member.name}", lane.forward, slots, pending)
 

@@ -218,7 +218,10 @@ class Retokenizer:
 
 def _common(old: list[int], new: list[int], start: int) -> int:
     """Length of the common prefix of `old` and `old[:start] + new`."""
-    i, n = start, min(len(old), start + len(new))
-    while i < n and old[i] == new[i - start]:
+    n = min(len(old), start + len(new))
+    if old[start:n] == new[:n - start]:   # the usual case: the window kept every old id
+        return n
+    i = start
+    while old[i] == new[i - start]:
         i += 1
     return i
