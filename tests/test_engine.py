@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from runtime.deepen.protocol import LOCAL
+from runtime.deepen.protocol import LOCAL, LocalExchange
 from runtime.engine.engine import Engine
 from runtime.engine.pipeline import Pipeline, make_engine
 from runtime.engine.sequence import Request
@@ -92,6 +92,51 @@ def test_pipelined_micro_batches_decode_what_the_reference_loop_does(tiny, mode,
     report = pipeline.report(1.0, sum(len(r.ids) for r in got.values()))
     assert report["rows"] == sum(len(r.ids) + (r.finish == "eos") for r in got.values())
     assert max(len(r.ids) for r in got.values()) <= report["steps"] < report["rows"]
+
+
+class CountingExchange(LocalExchange):
+    """One process's exchange, counting the plans sent and the plans every rank foresaw."""
+
+    def __init__(self):
+        self.sent, self.foreseen = [], 0
+
+    def share_plan(self, plan):
+        self.sent.append(plan)
+        return plan
+
+    def foreseen_plan(self):
+        self.foreseen += 1
+
+
+@pytest.mark.parametrize("parts,source", [(1, False), (1, True), (2, True)])
+def test_plans_are_sent_only_where_they_may_change_something(tiny, parts, source):
+    """Engine.quiet_foreseen: where every rank can tell the next plan admits, drops and ends
+    nothing, the plan is not sent (the root checks its scheduler agrees, and raises otherwise).
+    With prompts given up front, from a source handing out a few at a time (replicas' queue), and
+    pipelined: the same tokens as with every plan sent, most steps foreseen, and every plan that
+    admitted, dropped, ended or closed the queue sent."""
+    cfg, members, entry, _ = tiny
+    requests = [Request(i, p, 3 + (5 * i) % 9, ("\n\n",)) for i, p in enumerate(PROMPTS * 2)]
+
+    def run(foresee: bool):
+        exchange = CountingExchange()
+        engine = make_engine(members, make_fuser(cfg, members, entry, "fast"), 3 * parts,
+                             {i: Lane(m) for i, m in enumerate(members)}, exchange, parts)
+        for e in getattr(engine, "parts", [engine]):
+            if not foresee:
+                e.quiet_foreseen = lambda: False
+        queue = list(requests)
+        take = lambda n: [queue.pop(0) for _ in range(min(n, 2, len(queue)))]  # noqa: E731
+        got = engine.run([] if source else requests, source=take if source else None)
+        return {r.request.id: (r.ids, r.finish) for r in got}, exchange
+
+    want, every = run(False)
+    got, exchange = run(True)
+    assert got == want and len(got) == len(requests)
+    assert every.foreseen == 0 and exchange.foreseen > len(exchange.sent)
+    changes = lambda plans: [p for p in plans if not p.quiet]  # noqa: E731
+    assert changes(exchange.sent) == changes(every.sent)   # what changed anything was sent, in order
+    assert any(p.closes for p in exchange.sent)
 
 
 @pytest.mark.parametrize("name", ["tiny-sp", "tiny-bpe", "tiny-bpe2"])

@@ -64,6 +64,9 @@ class LocalExchange:
     def share_plan(self, plan):
         return plan
 
+    def foreseen_plan(self):
+        pass
+
     def share_rows(self, fuse, batch: int):
         return fuse
 

@@ -80,18 +80,25 @@ class GroupExchange:
         self.row_steps = 0           # rows x steps
 
     def share_plan(self, plan: Plan | None) -> Plan:
-        """Rank 0's plan, on every rank. A step that admits nothing, drops nothing and is not the
-        last sends one byte (the message's length is its flag)."""
-        quiet = plan is not None and not plan.admit and not plan.drop and not plan.done
+        """Rank 0's plan, on every rank. A quiet step (engine/scheduler.py) sends one byte (the
+        message's length is its flag)."""
+        quiet = plan is not None and plan.quiet
         with self.phase("plan"):
             flag = torch.tensor([0 if quiet else 1], dtype=torch.uint8)
             dist.broadcast(flag, self.root, group=self.group)
             if (quiet if self.is_root else not int(flag)):   # the root knows its own flag: no read
                 return plan if plan is not None else Plan([], False, False)
             message = None if plan is None else {"admit": [r.pack() for r in plan.admit], "drop": plan.drop,
-                                                 "done": plan.done}
+                                                 "done": plan.done, "closes": plan.closes}
             message = broadcast_message(message, self.root, self.group)
-        return Plan([Request.unpack(r) for r in message["admit"]], message["drop"], message["done"])
+        return Plan([Request.unpack(r) for r in message["admit"]], message["drop"], message["done"],
+                    message["closes"])
+
+    def foreseen_plan(self):
+        """A plan every rank knows is quiet (engine.py): nothing is sent, but the heartbeat
+        counts the step, as every rank's does."""
+        with self.phase("plan"):
+            pass
 
     def share_rows(self, fuse: torch.Tensor | None, batch: int) -> torch.Tensor:
         """The main leader's fuse mask, on every leader."""

@@ -62,6 +62,7 @@ class Pipeline:
         results: list[Result] = []
         live = []
         for e in self.parts:
+            e.reset_plans()
             if tick is not None and root:
                 tick()
             plan = e.next_plan()

@@ -1,7 +1,9 @@
 """Continuous batching: which waiting requests enter which slots, one plan per step.
 
 The root process (rank 0 under the launcher) makes the plan; the engine's exchange shares it so
-every rank admits the same requests into the same slots."""
+every rank admits the same requests into the same slots. A plan that changes nothing is "quiet";
+`Plan.closes` tells every rank, once, that no request will come any more (engine.py then knows
+many plans are quiet without being told)."""
 from __future__ import annotations
 
 from collections import deque
@@ -15,6 +17,11 @@ class Plan:
     admit: list[Request]   # into the free slots, in slot order
     drop: bool             # nothing is waiting: free slots are dropped instead of computing padding
     done: bool             # nothing is waiting and nothing is running
+    closes: bool = False   # no request can come any more (until a plan saying so was sent)
+
+    @property
+    def quiet(self) -> bool:
+        return not (self.admit or self.drop or self.done or self.closes)
 
 
 class Scheduler:
@@ -27,15 +34,21 @@ class Scheduler:
         self.max_batch = max_batch
         self.waiting: deque[Request] = deque()
         self.source = source
+        self.drained = False   # the source gave nothing: it has no more
+        self.told = False      # a plan that was sent to every rank said the queue is closed
 
     def add(self, requests):
         self.waiting.extend(requests)
+        self.told = self.drained = False
 
     def plan(self, slots: list) -> Plan:
         free = sum(r is None for r in slots) + self.max_batch - len(slots)
         if self.source is not None and len(self.waiting) < free:
-            self.waiting.extend(self.source(free - len(self.waiting)))
+            more = self.source(free - len(self.waiting))
+            self.drained |= not more
+            self.waiting.extend(more)
         take = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         running = any(r is not None for r in slots)
         free_after = free - len(take) > self.max_batch - len(slots)  # a slot that exists stays free
-        return Plan(take, drop=not self.waiting and free_after, done=not take and not running)
+        closes = not self.told and not self.waiting and (self.source is None or self.drained)
+        return Plan(take, drop=not self.waiting and free_after, done=not take and not running, closes=closes)
