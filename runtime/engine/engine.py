@@ -201,7 +201,9 @@ class Engine:
         """The step's rows and the fused step's first phase (deepen/protocol.py)."""
         active = [i for i, r in enumerate(self.slots) if r is not None]
         rows = [self.slots[i] for i in active]
-        logits = {i: lane.logits[active] for i, lane in self.lanes.items()} if self.exchange.leads else {}
+        every = len(active) == len(self.slots)   # every slot running: the lanes' logits as they are,
+        logits = {i: lane.logits if every and len(lane.logits) == len(active) else lane.logits[active]
+                  for i, lane in self.lanes.items()} if self.exchange.leads else {}   # no (B, |V|) copy
         skip = self._timed("stops", self.skip_mask, rows, logits[0]) if 0 in logits else None
         return Pending(active, rows, self.fuser.begin(logits, skip, exchange=self.exchange, batch=len(active),
                                                       sampler=self.sampler(rows)))
