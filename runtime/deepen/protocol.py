@@ -208,7 +208,8 @@ def finish(fuser, p: Pending) -> StepResult:
         if main is not None:
             r, stats = None, {}
             if parts is not None:
-                r = aggregate([part[0] for part in parts], fuser.weights)
+                with fuser.timed("relative"):   # as in split.py: r = sum_i w_i r_i is the math's
+                    r = aggregate([part[0] for part in parts], fuser.weights)
                 if fuser.mode == "fast":
                     stats["neglected_mass"] = [part[1] for part in parts]  # tensors: no host transfer
             with fuser.timed("search"):
