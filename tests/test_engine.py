@@ -110,7 +110,7 @@ class CountingExchange(LocalExchange):
 
 @pytest.mark.parametrize("parts,source", [(1, False), (1, True), (2, True)])
 def test_plans_are_sent_only_where_they_may_change_something(tiny, parts, source):
-    """Engine.quiet_foreseen: where every rank can tell the next plan admits, drops and ends
+    """scheduler.Plans: where every rank can tell the next plan admits, drops and ends
     nothing, the plan is not sent (the root checks its scheduler agrees, and raises otherwise).
     With prompts given up front, from a source handing out a few at a time (replicas' queue), and
     pipelined: the same tokens as with every plan sent, most steps foreseen, and every plan that
@@ -124,7 +124,7 @@ def test_plans_are_sent_only_where_they_may_change_something(tiny, parts, source
                              {i: Lane(m) for i, m in enumerate(members)}, exchange, parts)
         for e in getattr(engine, "parts", [engine]):
             if not foresee:
-                e.quiet_foreseen = lambda: False
+                e.plans.quiet_foreseen = lambda slots: False
         queue = list(requests)
         take = lambda n: [queue.pop(0) for _ in range(min(n, 2, len(queue)))]  # noqa: E731
         got = engine.run([] if source else requests, source=take if source else None)

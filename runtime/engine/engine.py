@@ -28,7 +28,7 @@ from .detokenize import Detokenizer
 from .lane import Lane
 from .roundtrips import maybe_counting
 from .sampling import GREEDY, Sampler, note_logprobs, stable_seed
-from .scheduler import Plan, Scheduler
+from .scheduler import Plan, Plans, Scheduler
 from .sequence import Request, Result, Row
 from .stops import completes_stop, stop_rule
 
@@ -67,11 +67,7 @@ class Engine:
         self.steps = 0
         self.stats = {"rows": 0, "fused_rows": 0}
         self._neglected = None   # per member: (sum, max) of the mass fast mode neglected
-        self.reset_plans()
-
-    def reset_plans(self):
-        """A run starts: what every rank knows of the plans to come is forgotten."""
-        self._closed = False   # a plan said no request will come any more
+        self.plans = Plans(self.scheduler)
 
     @property
     def max_batch(self) -> int:
@@ -122,7 +118,7 @@ class Engine:
         if self.exchange.is_root:
             self.scheduler.add(requests)
             self.scheduler.source = source
-        self.reset_plans()
+        self.plans.reset()
         results = []
         with maybe_counting() as counts:
             while True:
@@ -142,28 +138,9 @@ class Engine:
         return results
 
     def next_plan(self) -> Plan:
-        """The root's plan for the next step (admissions, drops, the end), on every rank. Where
-        every rank can tell the plan is quiet, nothing is sent (`quiet_foreseen`)."""
-        root = self.exchange.is_root
-        plan = self.scheduler.plan(self.slots) if root else None
-        if self.quiet_foreseen():
-            if root and (plan.admit or plan.drop or plan.done):
-                raise RuntimeError(f"the scheduler planned {plan} where every rank foresaw a quiet step")
-            self.exchange.foreseen_plan()
-            return Plan([], False, False)   # `closes` waits for a plan that is sent
-        plan = self._timed("control", self.exchange.share_plan, plan)
-        self._closed |= plan.closes
-        if root:
-            self.scheduler.told |= plan.closes
-        return plan
-
-    def quiet_foreseen(self) -> bool:
-        """Whether every rank knows, from what they all saw, that the next plan is quiet: no slot
-        is free (a row that finished left its slot free) and none can be added (max_batch
-        slots, or a plan said the queue is closed). Most steps of a long job are such; their plan
-        costs no collective and no read of a flag."""
-        slots = self.slots
-        return bool(slots) and all(r is not None for r in slots) and (len(slots) == self.max_batch or self._closed)
+        """The root's plan for the next step (admissions, drops, the end), on every rank; nothing
+        is sent where every rank can tell it is quiet (scheduler.Plans)."""
+        return self.plans.next(self.slots, self.exchange, self._timed)
 
     def apply(self, plan: Plan):
         """Admit the plan's requests; drop free slots when nothing is waiting."""

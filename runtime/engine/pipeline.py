@@ -62,7 +62,7 @@ class Pipeline:
         results: list[Result] = []
         live = []
         for e in self.parts:
-            e.reset_plans()
+            e.plans.reset()
             if tick is not None and root:
                 tick()
             plan = e.next_plan()

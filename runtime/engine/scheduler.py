@@ -52,3 +52,39 @@ class Scheduler:
         free_after = free - len(take) > self.max_batch - len(slots)  # a slot that exists stays free
         closes = not self.told and not self.waiting and (self.source is None or self.drained)
         return Plan(take, drop=not self.waiting and free_after, done=not take and not running, closes=closes)
+
+
+class Plans:
+    """Each step's plan on every rank: the root's scheduler makes it and the exchange shares it,
+    except where every rank can tell it is quiet (`quiet_foreseen`): then nothing is sent, and the
+    root checks its scheduler agrees."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.closed = False   # a plan every rank saw said no request will come any more
+
+    def reset(self):
+        """A run starts: what every rank knows of the plans to come is forgotten."""
+        self.closed = False
+
+    def quiet_foreseen(self, slots: list) -> bool:
+        """Whether every rank knows, from what they all saw, that the next plan is quiet: no slot
+        is free (a row that finished left its slot free) and none can be added (max_batch slots,
+        or a plan said the queue is closed). Most steps of a long job are such; their plan costs
+        no collective and no read of a flag."""
+        return (bool(slots) and all(r is not None for r in slots)
+                and (len(slots) == self.scheduler.max_batch or self.closed))
+
+    def next(self, slots: list, exchange, timed) -> Plan:
+        """The plan for the next step, on every rank; `timed(key, fn, *args)` times the sharing."""
+        plan = self.scheduler.plan(slots) if exchange.is_root else None
+        if self.quiet_foreseen(slots):
+            if plan is not None and (plan.admit or plan.drop or plan.done):
+                raise RuntimeError(f"the scheduler planned {plan} where every rank foresaw a quiet step")
+            exchange.foreseen_plan()
+            return Plan([], False, False)   # `closes` waits for a plan that is sent
+        plan = timed("control", exchange.share_plan, plan)
+        self.closed |= plan.closes
+        if exchange.is_root:
+            self.scheduler.told |= plan.closes
+        return plan
