@@ -86,7 +86,6 @@ class LocalExchange:
 LOCAL = LocalExchange()
 
 
-
 class Phases:
     """What every fuser shares (DEEPEN's `fusion.Fuser`, UniTE's and GaC's `tokenspace.py`): `step`
     runs its three phases back to back, and `timed` adds a part's time to `self.seconds`, measured
@@ -115,6 +114,7 @@ class Phases:
             yield
         finally:
             self.seconds[part] += self.clock() - t0
+
 
 class WholeStep:
     """A one-process fuser that defines only `step` (minED, the bench's comparing fuser) gets

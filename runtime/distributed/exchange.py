@@ -95,8 +95,8 @@ class GroupExchange:
                     message["closes"])
 
     def foreseen_plan(self):
-        """A plan every rank knows is quiet (engine.py): nothing is sent, but the heartbeat
-        counts the step, as every rank's does."""
+        """A plan every rank knows is quiet (engine/scheduler.py, Plans): nothing is sent, but
+        the heartbeat counts the step, as every rank's does."""
         with self.phase("plan"):
             pass
 

@@ -183,6 +183,8 @@ class Retokenizer:
         return refused
 
     def _encode_windows(self, texts: list[str]) -> list:
+        """The windows' encodings, without the whole text's position effects (one by one unless
+        `pooled`)."""
         window = self.policy.window
         if self.pooled:
             return window.encode_batch(texts, add_special_tokens=False)

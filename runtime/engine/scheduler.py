@@ -2,8 +2,8 @@
 
 The root process (rank 0 under the launcher) makes the plan; the engine's exchange shares it so
 every rank admits the same requests into the same slots. A plan that changes nothing is "quiet";
-`Plan.closes` tells every rank, once, that no request will come any more (engine.py then knows
-many plans are quiet without being told)."""
+`Plan.closes` tells every rank, once, that no request will come any more; `Plans` then knows on
+every rank that many plans are quiet without being told."""
 from __future__ import annotations
 
 from collections import deque
@@ -17,7 +17,7 @@ class Plan:
     admit: list[Request]   # into the free slots, in slot order
     drop: bool             # nothing is waiting: free slots are dropped instead of computing padding
     done: bool             # nothing is waiting and nothing is running
-    closes: bool = False   # no request can come any more (until a plan saying so was sent)
+    closes: bool = False   # no request can come any more, and no plan sent has said so yet
 
     @property
     def quiet(self) -> bool:

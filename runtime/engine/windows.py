@@ -105,14 +105,14 @@ def analyse(tokenizer) -> Policy:
         for p in _parts(pre, "pretokenizers"):
             if p["type"] == "Metaspace":
                 p["prepend_scheme"] = "never"
+        # windows are encoded without special tokens, where a post-processor changes nothing but
+        # costs a sixth of the encode: it is left out, once the probes show it changes nothing
         window = _assemble(backend, added, _without_prepend(normalizer), pre, None)
+        with_post = _assemble(backend, added, _without_prepend(normalizer), pre, post)
     except ValueError as e:
         return Policy(None, reason=str(e))
     if [e.ids for e in full.encode_batch(PROBES)] != [tokenizer(t)["input_ids"] for t in PROBES]:
         return Policy(None, reason="the tokenizer's encode differs from its Rust tokenizer's")
-    # windows are encoded without special tokens, where a post-processor changes nothing but
-    # costs a sixth of the encode: it is left out, once the probes show it changes nothing
-    with_post = _assemble(backend, added, _without_prepend(normalizer), pre, post)
     if [_fields(e) for e in window.encode_batch(PROBES, add_special_tokens=False)] != \
             [_fields(e) for e in with_post.encode_batch(PROBES, add_special_tokens=False)]:
         window = with_post
