@@ -76,11 +76,21 @@ def check_retokenizer(tokenizer, seed: int) -> Retokenizer:
         keep = rt.sync([track], [Row(prompt, text)], [len(prompt) + c])[0]
         want = tokenizer(prompt + text)["input_ids"]
         assert track.ids == want, (prompt, old, text)
+        full = rt.policy.full.encode(prompt + text)   # what later windows start from is the full encode's too
+        assert [(a, b) for a, b in zip(track.starts, track.ends) if a >= 0] == \
+            [o for o, m in zip(full.offsets, full.special_tokens_mask) if not (m and o == (0, 0))], (prompt, old, text)
+        assert boundaries(track.words) == boundaries(full.word_ids), (prompt, old, text)
         assert before[:keep] == want[:keep]
         assert rt.count(track, Row(prompt, text), len(prompt) + len(text)) == len(want)
     assert rt.windows + rt.fallbacks == CASES
     assert rt.windows > 0.6 * CASES, (rt.windows, rt.refusals)   # windows, not a full encode in disguise
     return rt
+
+
+def boundaries(words: list) -> list[bool]:
+    """Where a pre-token begins (special tokens: -1 or None)."""
+    words = [-1 if w is None else w for w in words]
+    return [i == 0 or w != words[i - 1] for i, w in enumerate(words)]
 
 
 def check_detokenizer(tokenizer, seed: int):

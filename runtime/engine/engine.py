@@ -62,6 +62,7 @@ class Engine:
         self.detokenizer = Detokenizer(self.main, incremental) if self.main is not None else None
         self.eos = members[0].eos_token_id
         self.slots: list[Row | None] = []
+        self.stopping = 0   # running rows with stop strings
         # where step time goes; the host's parts on every rank, whatever it runs
         self.seconds: dict[str, float] = defaultdict(float, {"append": 0.0, "resync": 0.0, "stops": 0.0})
         self.steps = 0
@@ -160,6 +161,7 @@ class Engine:
             # a bare Request without one draws from (0, its id), as a job with --seed 0 would
             own = request.sampling.seed
             self.slots[slot] = Row(request, seed=own if own is not None else stable_seed(0, request.id))
+            self.stopping += bool(request.stop)
             placed.append((slot, request))
         if placed:
             for lane in self.lanes.values():
@@ -206,7 +208,7 @@ class Engine:
     def skip_mask(self, rows: list[Row], main_logits: torch.Tensor) -> torch.Tensor | None:
         """Rows where the main model's own token would complete a stop string: no fusion
         (engine/stops.py); None when nothing is fused or no row has a stop string."""
-        if getattr(getattr(self.fuser, "search", None), "eta", 1) == 0:
+        if not self.stopping or getattr(getattr(self.fuser, "search", None), "eta", 1) == 0:
             return None
         return stop_rule(rows, main_logits, self.detokenizer)
 
@@ -256,6 +258,7 @@ class Engine:
             if finish:
                 finished.append(self._result(slot, row, finish, c))
                 self.slots[slot] = None
+                self.stopping -= bool(row.request.stop)
             else:
                 keep_slots.append(slot)
                 texts.append(row.text)
@@ -264,22 +267,28 @@ class Engine:
 
     def advance(self, slots: list[int], texts: list[str], changed: list[int | None]):
         """Every lane takes the step's tokens and runs one forward pass over what is new: the
-        main member appends its chosen ids as they are; assists resync from the text.
+        main member appends its chosen ids as they are; assists resync from the text, one after
+        another (each tokenizer's tables stay in the host's caches), then run their passes.
 
-        The main member's forward pass goes first (on a device it runs while the host works on),
-        then every assist's resync, one after another (the tokenizers' code and tables stay in the
-        host's caches: a resync just after a forward pass takes twice as long), then their passes."""
-        assists = []
-        for i, lane in self.lanes.items():
-            if i == 0:
-                pending = self._timed("append", lane.append, slots, [self.slots[s].ids[-1] for s in slots])
-                if slots:
-                    self._timed(f"forward:{lane.member.name}", lane.forward, slots, pending)
-            else:
-                assists.append((lane, self._timed("resync", lane.sync, slots, texts, changed)))
+        On a device the main member's pass goes first: it runs there while the host resyncs. On
+        the CPU a pass holds the host and nothing overlaps: the resyncs go first, while the rows
+        the commit just touched are still in the host's caches (after a pass they are not)."""
+        main = self.lanes.get(0)
+        overlap = main is not None and main.device.type != "cpu"
+        if overlap:
+            self._advance_main(main, slots)
+        assists = [(lane, self._timed("resync", lane.sync, slots, texts, changed))
+                   for i, lane in self.lanes.items() if i != 0]
+        if main is not None and not overlap:
+            self._advance_main(main, slots)
         for lane, pending in assists:
             if slots:
                 self._timed(f"forward:{lane.member.name}", lane.forward, slots, pending)
+
+    def _advance_main(self, lane, slots: list[int]):
+        pending = self._timed("append", lane.append, slots, [self.slots[s].ids[-1] for s in slots])
+        if slots:
+            self._timed(f"forward:{lane.member.name}", lane.forward, slots, pending)
 
     def _result(self, slot: int, row: Row, finish: str, changed: int | None) -> Result:
         counts = {}

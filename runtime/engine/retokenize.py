@@ -39,10 +39,13 @@ from .windows import Policy, policy_for
 
 class Track:
     """One row's tokens: ids, each token's [start, end) in the row's string (-1 for special tokens
-    the template added) and its pre-token (word) index. Edited in place, at its end only."""
-    __slots__ = ("ids", "starts", "ends", "words")
+    the template added) and its pre-token (word) index. Edited in place, at its end only.
+    `heads`: the first tokens of its last two pre-tokens, where a window split in Python left
+    them known (else None): the window for a change in the last pre-token starts there."""
+    __slots__ = ("ids", "starts", "ends", "words", "heads")
 
     def __init__(self, encoding=None):
+        self.heads: tuple[int, int] | None = None
         self.ids: list[int] = []
         self.starts: list[int] = []
         self.ends: list[int] = []
@@ -112,7 +115,8 @@ class Retokenizer:
         searched 1 character before c, and `margin` before it where an added token could start."""
         p = self.policy
         if p.first is not None:
-            at = self._start(track, c - 1, row)
+            heads = track.heads   # a change in the last pre-token: the window starts at the one before
+            at = heads if heads is not None and c > track.starts[heads[1]] else self._start(track, c - 1, row)
             if at is None:
                 return None
             near = row.slice(track.starts[at[0]] - p.margin, c)
@@ -147,48 +151,98 @@ class Retokenizer:
         whole. Only with a window policy: without one a lane re-encodes whole rows itself."""
         if self.policy.mode is None:
             raise RuntimeError(f"no windows for this tokenizer: {self.policy.reason}")
-        keep = [0] * len(tracks)
-        starts = [self.window_start(t, c, r) for t, r, c in zip(tracks, rows, changed)]
-        whole = [i for i, at in enumerate(starts) if at is None]
+        keep, plain, whole, plans, refused = [0] * len(tracks), self.policy.plain, [], [], []
+        firsts = []   # each row's window start
+        for i, (track, row, c) in enumerate(zip(tracks, rows, changed)):
+            at = self.window_start(track, c, row)
+            firsts.append(at)
+            if at is None:
+                whole.append(i)
+                continue
+            kept = self._splice_pieces(track, *at, row.tail(track.starts[at[0]])) if plain is not None else None
+            if kept is None:   # through the tokenizers library
+                plans.append((i, at))
+            elif kept < 0:
+                refused.append(i)
+            else:
+                keep[i] = kept
+                self.windows += 1
         self._refuse("no safe window start", len(whole))
-        refused = self._windows(tracks, rows, [(i, at) for i, at in enumerate(starts) if at is not None], keep)
+        refused += self._windows(tracks, rows, plans, keep)
         if refused and self.policy.first is not None:   # short windows refused: once more from the margin
             again = [(i, self._start(tracks[i], changed[i] - self.policy.margin, rows[i])) for i in refused]
-            whole += [i for i, at in again if at is None or at == starts[i]]
-            whole += self._windows(tracks, rows, [(i, at) for i, at in again if at is not None and at != starts[i]], keep)
+            whole += [i for i, at in again if at is None or at == firsts[i]]
+            whole += self._windows(tracks, rows, [(i, at) for i, at in again if at is not None and at != firsts[i]], keep)
         else:
             whole += refused
         if whole:
             for i, enc in zip(whole, self.policy.full.encode_batch([rows[i].tail(0) for i in whole])):
                 fresh, track = Track(enc), tracks[i]
-                keep[i] = _common(track.ids, fresh.ids, 0)
+                keep[i], track.heads = _common(track.ids, fresh.ids, 0), None
                 track.ids[:], track.starts[:], track.ends[:], track.words[:] = \
                     fresh.ids, fresh.starts, fresh.ends, fresh.words
             self.fallbacks += len(whole)
         return keep
 
     def _windows(self, tracks: list[Track], rows: list[Row], plans: list, keep: list[int]) -> list[int]:
-        """Encode the planned windows ((row, (k, k2)) each) and splice them in; the rows refused."""
+        """Encode the planned windows ((row, (k, k2)) each) through the tokenizers library, one
+        by one (`pooled`: in one batch), and splice them in; the rows refused."""
         if not plans:
             return []
+        window, refused = self.policy.window, []
         texts = [rows[i].tail(tracks[i].starts[k]) for i, (k, _) in plans]
-        refused = []
-        for (i, (k, k2)), enc in zip(plans, self._encode_windows(texts)):
+        if self.pooled:
+            encodings = window.encode_batch(texts, add_special_tokens=False)
+        else:
+            encodings = (window.encode(t, add_special_tokens=False) for t in texts)
+        for (i, (k, k2)), enc in zip(plans, encodings):
             kept = self._splice(tracks[i], k, k2, enc.ids, enc.offsets, enc.word_ids)
             if kept is None:
                 refused.append(i)
             else:
                 keep[i] = kept
-                self.windows += 1
+        self.windows += len(plans) - len(refused)
         return refused
 
-    def _encode_windows(self, texts: list[str]) -> list:
-        """The windows' encodings, without the whole text's position effects (one by one unless
-        `pooled`)."""
-        window = self.policy.window
-        if self.pooled:
-            return window.encode_batch(texts, add_special_tokens=False)
-        return [window.encode(t, add_special_tokens=False) for t in texts]
+    def _splice_pieces(self, track: Track, k: int, k2: int, text: str) -> int | None:
+        """Word mode, a window split in Python (plainwindows.py): its pre-tokens up to token k2
+        must give tokens k..k2-1 as before; the ones after replace the rest. Returns the ids
+        kept, -1 (refused) or None (the window has a character not admitted)."""
+        plain = self.policy.plain
+        pieces = plain.pieces(text)
+        if pieces is None:
+            return None
+        memo, tokenize = plain.memo, plain.tokenize
+        at, end, j, same = track.starts[k], track.starts[k2], 0, []
+        heads = [k]   # each pre-token's first token
+        while at < end:
+            same += (memo.get(pieces[j]) or tokenize(pieces[j]))[0]
+            at += len(pieces[j])
+            j += 1
+            heads.append(k + len(same))
+        if at != end or same != track.ids[k:k2]:
+            self._refuse("the window's first pre-token differs")
+            return -1
+        ids, starts, ends, words, w = [], [], [], [], track.words[k2 - 1] + 1
+        for piece in pieces[j:]:
+            pid, a, e = memo.get(piece) or tokenize(piece)
+            if len(pid) == 1:
+                ids.append(pid[0])
+                starts.append(at + a[0])
+                ends.append(at + e[0])
+                words.append(w)
+            else:
+                ids += pid
+                starts += [at + x for x in a]
+                ends += [at + x for x in e]
+                words += [w] * len(pid)
+            at += len(piece)
+            w += 1
+            heads.append(k2 + len(ids))
+        kept = _common(track.ids, ids, k2)
+        track.ids[k2:], track.starts[k2:], track.ends[k2:], track.words[k2:] = ids, starts, ends, words
+        track.heads = (heads[-3], heads[-2]) if len(heads) > 2 and heads[-3] >= 1 else None
+        return kept
 
     def _fits(self, track: Track, k: int, k2: int, ids: list, offsets: list, words: list) -> bool:
         """Does a window's encoding start as the old tokens did (its first token; in word mode its
@@ -207,11 +261,14 @@ class Retokenizer:
         """Put a window's encoding in place of tokens k.. Returns the ids kept, or None (refused)."""
         if not self._fits(track, k, k2, ids, offsets, words):
             return None
-        kept = _common(track.ids, ids, k)
-        word_shift = track.words[k] - (words[0] if words[0] is not None else -1)
-        b = track.starts[k]
-        track.cut(k)
-        track.extend(ids, offsets, words, b, word_shift)
+        kept, track.heads = _common(track.ids, ids, k), None
+        b, w0 = track.starts[k], words[0]
+        shift = track.words[k] - (w0 if w0 is not None else -1)
+        track.ids[k:] = ids
+        track.starts[k:] = [a + b for a, _ in offsets]
+        track.ends[k:] = [e + b for _, e in offsets]
+        track.words[k:] = [w + shift for w in words] if None not in words else \
+            [-1 if w is None else w + shift for w in words]
         return kept
 
     def count(self, track: Track, row: Row, c: int) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .plainwindows import plain_windows
+
 PROBES = ["Hello  world!\n\nThe 12,345 cafés  ", "def f(x):\n\treturn x*2  # ok", "日本語のテキスト 🤖👍🏽 end",
           "  leading\r\n spaces\u00a0and\ttabs", "ÅÉÎ naïve Zürich", "a" * 40 + " " * 7 + "b"]
 NORMALIZERS_BY_CHARACTER = {"NFC", "NFD", "NFKC", "NFKD"}
@@ -24,6 +26,7 @@ class Policy:
     window: object = None     # tokenizers.Tokenizer for windows (no position-0 effects)
     full: object = None       # tokenizers.Tokenizer for full encodes with untrimmed offsets
     reason: str = ""
+    plain: object = None      # plainwindows.PlainWindows: plain-ASCII windows encoded in Python
 
 
 def _parts(node, key: str) -> list:
@@ -116,7 +119,9 @@ def analyse(tokenizer) -> Policy:
     if [_fields(e) for e in window.encode_batch(PROBES, add_special_tokens=False)] != \
             [_fields(e) for e in with_post.encode_batch(PROBES, add_special_tokens=False)]:
         window = with_post
-    return Policy("segment" if segment else "word", margin, first, ascii_start, window, full)
+    contents = [a.content for a in added.values()] if first is not None else None   # None: normalized added tokens
+    plain = plain_windows(backend, window, normalizer, pre, contents, PROBES) if not segment else None
+    return Policy("segment" if segment else "word", margin, first, ascii_start, window, full, plain=plain)
 
 
 def _fields(encoding) -> tuple:
