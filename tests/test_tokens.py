@@ -9,6 +9,7 @@ import pytest
 
 from runtime.engine.detokenize import Detokenizer, Text
 from runtime.engine.retokenize import Retokenizer, Row
+from runtime.engine.windows import policy_for
 
 # pieces that trip tokenizers: whitespace runs, newlines, CJK, emoji (with modifiers and ZWJ),
 # byte-fallback lookalikes, special tokens' text, numbers, code, combining marks, "▁"
@@ -116,8 +117,30 @@ def check_detokenizer(tokenizer, seed: int):
 @pytest.mark.parametrize("name", ["tiny-sp", "tiny-bpe", "tiny-bpe2", "metaspace-first", "qwen-nfc"])
 def test_windowed_resync_equals_the_full_reencode(tiny, name):
     toks = variants(tiny.members)
+    plain = policy_for(toks[name]).plain   # one policy per tokenizer: its count so far
+    used = plain.used if plain is not None else 0
     rt = check_retokenizer(toks[name], seed=hash(name) % 1000)
     assert rt.policy.mode == ("segment" if name == "tiny-sp" else "word") or name == "metaspace-first"
+    if name in ("tiny-bpe", "tiny-bpe2", "qwen-nfc"):   # byte-level: windows split in Python (plainwindows.py)
+        assert rt.policy.plain is not None
+        # qwen-nfc's NFC admits ASCII alone: few of these random windows are
+        assert rt.policy.plain.used - used > (0.02 if name == "qwen-nfc" else 0.5) * rt.windows, (rt.policy.plain.used - used, rt.windows)
+    else:
+        assert rt.policy.plain is None
+
+
+def test_python_windows_admit_only_what_both_engines_agree_on(tiny):
+    """A character is admitted once the library and Python's regex put it in the same classes;
+    with a case-insensitive pattern (Qwen2's), not one that case-folds to ASCII (the long s); an
+    added token in a window leaves it to the library."""
+    toks = variants(tiny.members)
+    gpt2, qwen = (Retokenizer(toks[n]).policy.plain for n in ("tiny-bpe", "tiny-bpe2"))
+    assert gpt2.pieces("x ſ y") is not None and qwen.pieces("x ſ y") is None
+    assert qwen.pieces("a <b> c") is not None and qwen.pieces("a <|im_end|> c") is None
+    window = Retokenizer(toks["tiny-bpe"]).policy.window
+    for text in ("\u00a0\u3000\x85 x  \u2028y", "naïve 😀 \t\r\n 12.5 ½ ٣", "x" + " " * 9 + "日本"):
+        want = window.encode(text, add_special_tokens=False)
+        assert gpt2.encode(text) == (want.ids, want.offsets, want.word_ids), text
 
 
 @pytest.mark.parametrize("name", ["tiny-sp", "tiny-bpe", "tiny-bpe2", "metaspace-first"])

@@ -109,27 +109,30 @@ class Lane:
         """Each slot's committed text changed from character `changed[i]` on (None: it did not
         change) -> the tokens it still has to prefill (its cache is cropped to the ids that did
         not change)."""
+        pending: list[list[int]] = [[] for _ in slots]
         todo = [i for i, c in enumerate(changed) if c is not None]
-        pending = [[] for _ in slots]
         if not todo:
             return pending
         rows = [slots[i] for i in todo]
         if self.windowed:
+            prefix = self.prefix
             keep = self.retokenizer.sync([self.tracks[s] for s in rows],
-                                         [Row(self.prefix[s], texts[i]) for s, i in zip(rows, todo)],
-                                         [len(self.prefix[s]) + changed[i] for s, i in zip(rows, todo)])
+                                         [Row(prefix[s], texts[i]) for s, i in zip(rows, todo)],
+                                         [len(prefix[s]) + changed[i] for s, i in zip(rows, todo)])
         else:   # the old path: whole rows re-encoded
             fresh = self.tokenizer([self.prefix[s] + texts[i] for s, i in zip(rows, todo)])["input_ids"]
             keep = [common_prefix(self.ids[s], ids) for s, ids in zip(rows, fresh)]
             for s, ids in zip(rows, fresh):
                 self.ids[s] = ids
             self.retokenizer.fallbacks += len(rows)
+        all_ids, lengths = self.ids, self.lengths
         for s, i, k in zip(rows, todo, keep):
-            ids = self.ids[s]
-            if k == len(ids) < self.lengths[s]:
+            ids, cached = all_ids[s], lengths[s]
+            if k == len(ids) < cached:
                 k -= 1  # the text now ends inside the old ids: recompute its last token's logits
-            self.lengths[s] = min(self.lengths[s], k)
-            pending[i] = ids[self.lengths[s]:]
+            if k < cached:
+                lengths[s] = cached = k
+            pending[i] = ids[cached:]
         return pending
 
     def append(self, slots: list[int], tokens: list[int]) -> list[list[int]]:

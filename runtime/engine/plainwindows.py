@@ -134,8 +134,9 @@ class PlainWindows:
         spans = [(byte_at[a], byte_at[b]) for a, b in (t.offsets for t in tokens)]
         if len(self.memo) >= MEMO_LIMIT:
             self.memo.clear()
-        hit = self.memo[piece] = ([t.id for t in tokens], [char_of[a] for a, _ in spans],
-                                  [char_of[b - 1] + 1 for _, b in spans])
+        # tuples: each entry in as few objects (and cache lines) as can be
+        hit = self.memo[piece] = (tuple(t.id for t in tokens), tuple(char_of[a] for a, _ in spans),
+                                  tuple(char_of[b - 1] + 1 for _, b in spans))
         return hit
 
 
