@@ -59,6 +59,7 @@ class PlainWindows:
         self.split = regex.compile(pattern).findall
         self.classes = sorted(set(regex.findall(CLASSES, pattern)))
         self.caseless = "(?i" in pattern
+        self.probes = None   # per class: (Python's pattern, the library's Split that removes it)
         self.model = model
         self.ascii_only = ascii_only
         self.first = {a[0] for a in added if a}   # a window with one of these may hold an added token
@@ -106,18 +107,17 @@ class PlainWindows:
     def _agrees(self, ch: str) -> bool:
         """Both engines put `ch` in the same classes of the pattern, and nothing else about it can
         differ (module doc)."""
-        from tokenizers import Regex, pre_tokenizers
         if self.ascii_only and not ch.isascii():
             return False
         if self.caseless and not ch.isascii() and any(c.isascii() for c in ch.lower() + ch.upper() + ch.casefold()):
             return False
-        for cls in self.classes:
-            cls = f"[{cls}]" if cls.startswith("[:") else cls
-            python = self.regex.fullmatch(cls, ch) is not None
-            library = pre_tokenizers.Split(Regex(cls), behavior="removed").pre_tokenize_str(ch) == []
-            if python != library:
-                return False
-        return True
+        if self.probes is None:
+            from tokenizers import Regex, pre_tokenizers
+            self.probes = [(self.regex.compile(f"[{c}]" if c.startswith("[:") else c),
+                            pre_tokenizers.Split(Regex(f"[{c}]" if c.startswith("[:") else c), behavior="removed"))
+                           for c in self.classes]
+        return all((python.fullmatch(ch) is not None) == (library.pre_tokenize_str(ch) == [])
+                   for python, library in self.probes)
 
     def tokenize(self, piece: str) -> tuple:
         """A pre-token's (ids, starts, ends), offsets in characters from its start, from the
