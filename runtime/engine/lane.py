@@ -97,7 +97,7 @@ class Lane:
 
     def resync_counts(self) -> dict:
         r = self.retokenizer
-        return {"windows": r.windows, "full": r.fallbacks, "refused": dict(r.refusals)}
+        return {"windows": r.windows, "in_python": r.split_in_python, "full": r.fallbacks, "refused": dict(r.refusals)}
 
     @property
     def windowed(self) -> bool:

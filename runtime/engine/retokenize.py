@@ -91,7 +91,8 @@ class Row:
 
 class Retokenizer:
     """Brings rows' Tracks up to date with changed text (module doc). `windows` and `fallbacks`
-    count the rows synced each way; `refusals` counts windows refused, by reason."""
+    count the rows synced each way (`split_in_python`: windows that never reached the tokenizers
+    library); `refusals` counts windows refused, by reason."""
 
     WALK = 256   # tokens a window may reach back before the row falls back
 
@@ -99,6 +100,7 @@ class Retokenizer:
         self.tokenizer = tokenizer
         self.policy = policy_for(tokenizer) if windows else Policy(None, reason="windows off")
         self.windows = self.fallbacks = 0
+        self.split_in_python = 0   # of the windows, those split and encoded in Python (plainwindows.py)
         self.refusals: dict[str, int] = {}
         # windows are short: a batch of them takes less time on this thread than waking the
         # tokenizers' thread pool does (one by one: 15% less time per window on 2 cores); an
@@ -167,6 +169,7 @@ class Retokenizer:
             else:
                 keep[i] = kept
                 self.windows += 1
+                self.split_in_python += 1
         self._refuse("no safe window start", len(whole))
         refused += self._windows(tracks, rows, plans, keep)
         if refused and self.policy.first is not None:   # short windows refused: once more from the margin
