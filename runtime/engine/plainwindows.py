@@ -56,7 +56,10 @@ class PlainWindows:
     def __init__(self, pattern: str, model, added: list[str], ascii_only: bool):
         import regex
         self.regex = regex
-        self.split = regex.compile(pattern).findall
+        compiled = regex.compile(pattern)
+        if compiled.groups:   # findall would give the groups, not the matches
+            raise ValueError("a pattern with capturing groups")
+        self.split = compiled.findall
         self.classes = sorted(set(regex.findall(CLASSES, pattern)))
         self.caseless = "(?i" in pattern
         self.probes = None   # per class: (Python's pattern, the library's Split that removes it)
