@@ -26,7 +26,7 @@ class Policy:
     window: object = None     # tokenizers.Tokenizer for windows (no position-0 effects)
     full: object = None       # tokenizers.Tokenizer for full encodes with untrimmed offsets
     reason: str = ""
-    plain: object = None      # plainwindows.PlainWindows: plain-ASCII windows encoded in Python
+    plain: object = None      # plainwindows.PlainWindows: byte-level BPE windows split in Python
 
 
 def _parts(node, key: str) -> list:
