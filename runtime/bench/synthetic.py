@@ -27,8 +27,8 @@ EOS = "<|endoftext|>"
 
 def byte_chars() -> list[str]:
     """GPT-2's byte -> printable character table, in byte order."""
-    from ..deepen.vocab import _byte_level_decoder
-    return sorted(_byte_level_decoder(), key=_byte_level_decoder().__getitem__)
+    from ..deepen.vocab import byte_level_decoder
+    return sorted(byte_level_decoder(), key=byte_level_decoder().__getitem__)
 
 
 def synthetic_merges(size: int, shared: int, seed: int, shared_seed: int = 0, longest: int = 16):

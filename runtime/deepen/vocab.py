@@ -27,7 +27,7 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 @lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
+def byte_level_decoder() -> dict[str, int]:
     """GPT-2's bytes_to_unicode table, inverted: character -> byte."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -67,7 +67,7 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
     special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     special |= set(tokenizer.all_special_ids)
-    table = _byte_level_decoder()
+    table = byte_level_decoder()
     out: list[bytes | None] = [None] * (max(vocab.values()) + 1)
     for piece, i in vocab.items():
         if i in special:

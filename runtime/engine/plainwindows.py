@@ -26,6 +26,8 @@ indices); tests/test_tokens.py checks every windowed resync against the full enc
 """
 from __future__ import annotations
 
+from ..deepen.vocab import byte_level_decoder
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CLASSES = r"\\[pP]\{[^}]*\}|\\[pP][A-Za-z]|\\[sSdDwWhHvV]|\[:\^?[a-z]+:\]"   # a pattern's character classes
 NOT_PER_CHARACTER = ("\\X", "\\R", "\\b", "\\B", "\\G")   # what a character's classes alone do not decide
@@ -36,15 +38,9 @@ MEMO_LIMIT = 1 << 17   # pre-tokens kept; the memo starts over past this
 
 
 def _byte_chars() -> dict:
-    """The byte-level alphabet (GPT-2's): printable bytes stand for themselves, the others are
-    shifted past 255. As a str.translate table from latin-1 characters (one per byte)."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    out, shift = {}, 0
-    for b in range(256):
-        if b not in keep:
-            out[b] = chr(256 + shift)
-            shift += 1
-    return str.maketrans(out)
+    """The byte-level alphabet (GPT-2's, deepen/vocab.py) as a str.translate table from latin-1
+    characters (one per byte) to the characters that stand for those bytes."""
+    return {b: ch for ch, b in byte_level_decoder().items()}
 
 
 BYTE_CHARS = _byte_chars()

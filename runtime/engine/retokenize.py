@@ -62,9 +62,6 @@ class Track:
         self.ends.extend([b + shift for _, b in offsets])
         self.words.extend([-1 if w is None else w + word_shift for w in words])
 
-    def cut(self, k: int):
-        del self.ids[k:], self.starts[k:], self.ends[k:], self.words[k:]
-
 
 class Row:
     """A row's string, prefix + text, read in pieces without building it."""
